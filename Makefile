@@ -1,0 +1,31 @@
+# detkd: `make repro` (set-up + dvc repro) and `make test` (set-up + the whole suite).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.detkd-installed
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup repro test smoke lock clean-mlflow
+
+# Create the environment if missing; (re)install when the pins change. Exact versions: constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,export]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+repro: setup
+	DETKD_PIPELINE_ID=$${DETKD_PIPELINE_ID:-repro-$$(date +%Y%m%d-%H%M%S)} dvc repro
+
+test: setup
+	pytest -q
+
+smoke: setup
+	python -m detkd.smoke
+
+# Refresh constraints.txt from the current environment (after changing a dependency on purpose).
+lock: setup
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^detkd' > constraints.txt

@@ -1,0 +1,55 @@
+"""Stages ``train_teacher`` and ``train_student``: train one detector without distillation.
+
+Reads params: seed, model, <role>, train_<role>. Writes: the model checkpoint, the loss history (CSV for
+``dvc plots``) and its PNG. Under ``torchrun`` trains with DistributedDataParallel; only rank 0 writes.
+"""
+
+import argparse
+from pathlib import Path
+
+from detkd.cli import run_main
+from detkd.config import load_params
+from detkd.engine.distributed import cleanup, init_distributed
+from detkd.plots import plot_history, write_history_csv
+from detkd.tracking.mlflow_run import stage_run
+from detkd.training import train_detector
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--role", choices=["teacher", "student"], required=True)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--history", required=True, help="CSV of the loss curve")
+    parser.add_argument("--state-dir", default=None, help="where resumable training states go")
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    info = init_distributed()
+    logged = {
+        "seed": params.seed, "model": params.model.model_dump(), args.role: getattr(params, args.role).model_dump(),
+        f"train_{args.role}": getattr(params, f"train_{args.role}").model_dump(), "world_size": info.world,
+    }
+    try:
+        with stage_run(f"train_{args.role}", logged, rank_zero=info.is_main) as run:
+            result = train_detector(
+                params, args.role, args.data, args.out, args.state_dir or f"checkpoints/{args.role}", info,
+                on_log=lambda step, row: run.log_metrics(row, step), run_id=run.run_id,
+            )
+            if info.is_main:
+                write_history_csv(args.history, result.history)
+                plot_path = str(Path(args.history).with_suffix(".png"))
+                plot_history(plot_path, result.history, f"train {args.role}")
+                run.log_metrics({"train_seconds": result.seconds, "seconds_per_iter": result.seconds_per_iter,
+                                 "peak_memory_mb": result.peak_memory_mb})
+                for path in (args.out, args.history, plot_path):
+                    run.log_artifact(path)
+                print(f"train {args.role}: {result.iterations} iterations, {result.seconds:.0f} s "
+                      f"({result.seconds_per_iter:.3f} s/it) -> {args.out}")
+    finally:
+        cleanup(info)
+
+
+if __name__ == "__main__":
+    run_main(main)

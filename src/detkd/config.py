@@ -1,0 +1,207 @@
+"""``params.yaml`` -> typed, validated configuration.
+
+Contract: ``load_params(path)`` returns a frozen ``Params`` or raises ``ConfigError`` with one line that
+names the file, the dotted key, the bad value and what is allowed. Unknown keys are errors (a typo must
+never silently fall back to a default). The YAML holds values only; nothing in it builds objects.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from detkd.errors import ConfigError
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large")
+FAMILIES = ("fasterrcnn", "retinanet")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SyntheticConfig(_Section):
+    """Shape of the generated default dataset (see ``detkd.data.synthetic``)."""
+
+    num_train: int = Field(600, ge=1)
+    num_val: int = Field(150, ge=1)
+    image_size: int = Field(128, ge=32, le=4096)
+    num_classes: int = Field(6, ge=1, le=8)
+    max_objects: int = Field(8, ge=1, le=100)
+    empty_fraction: float = Field(0.08, ge=0.0, le=1.0)
+    min_object_size: float = Field(6.0, gt=1.0)
+    max_object_size: float = Field(64.0, gt=1.0)
+    clutter: int = Field(10, ge=0, le=200)
+    max_occlusion: float = Field(0.6, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _sizes_ordered(self) -> "SyntheticConfig":
+        if self.min_object_size > self.max_object_size:
+            raise ValueError(
+                f"min_object_size ({self.min_object_size}) must be <= max_object_size ({self.max_object_size})"
+            )
+        if self.max_object_size >= self.image_size:
+            raise ValueError(f"max_object_size ({self.max_object_size}) must be < image_size ({self.image_size})")
+        return self
+
+
+class CocoConfig(_Section):
+    """Layout of a real COCO 2017 directory, relative to ``data.root``."""
+
+    train_images: str = "train2017"
+    val_images: str = "val2017"
+    train_annotations: str = "annotations/instances_train2017.json"
+    val_annotations: str = "annotations/instances_val2017.json"
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "coco"] = "synthetic"
+    root: Optional[str] = None  # the COCO directory when source == coco
+    min_box_size: float = Field(1.0, ge=0.0)  # boxes smaller than this (px, after clipping) are dropped
+    synthetic: SyntheticConfig = SyntheticConfig()
+    coco: CocoConfig = CocoConfig()
+
+    @model_validator(mode="after")
+    def _root_for_coco(self) -> "DataConfig":
+        if self.source == "coco" and not self.root:
+            raise ValueError("data.root must name the COCO 2017 directory when data.source is 'coco'")
+        return self
+
+
+class ModelConfig(_Section):
+    """Detector settings shared by teacher and student (they must see the same input)."""
+
+    family: Literal["fasterrcnn", "retinanet"] = "fasterrcnn"
+    min_size: int = Field(128, ge=32)
+    max_size: int = Field(128, ge=32)
+    fpn_channels: int = Field(128, ge=8)
+    # One base anchor size (px, in the resized input) per pyramid level: P2..P6 for Faster R-CNN,
+    # P3..P7 for RetinaNet (which adds the octave scales 2^0, 2^(1/3), 2^(2/3) of each).
+    anchor_sizes: list[float] = Field(default_factory=lambda: [8.0, 16.0, 32.0, 64.0, 128.0], min_length=5, max_length=5)
+    aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)
+    image_mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406], min_length=3, max_length=3)
+    image_std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225], min_length=3, max_length=3)
+    rpn_batch_size_per_image: int = Field(256, ge=1)
+    rpn_pre_nms_top_n_train: int = Field(1000, ge=1)
+    rpn_post_nms_top_n_train: int = Field(500, ge=1)
+    rpn_pre_nms_top_n_test: int = Field(500, ge=1)
+    rpn_post_nms_top_n_test: int = Field(300, ge=1)
+    box_batch_size_per_image: int = Field(256, ge=1)
+    representation_size: int = Field(512, ge=8)
+    detections_per_image: int = Field(100, ge=1)
+    score_threshold: float = Field(0.05, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _positive(self) -> "ModelConfig":
+        for name in ("anchor_sizes", "aspect_ratios", "image_std"):
+            values = getattr(self, name)
+            if any(v <= 0 for v in values):
+                raise ValueError(f"{name} must all be > 0, got {values}")
+        if self.max_size < self.min_size:
+            raise ValueError(f"max_size ({self.max_size}) must be >= min_size ({self.min_size})")
+        return self
+
+
+class NetworkConfig(_Section):
+    """One detector (teacher or student): its backbone and optional local weights."""
+
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"]
+    weights: Optional[str] = None  # a full-detector state dict (.pt), loaded with weights_only=True
+    backbone_weights: Optional[str] = None  # a backbone-only (classification) state dict
+
+
+class TrainConfig(_Section):
+    """One training schedule. The baseline and distilled students share ``train_student``."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.02, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    step_milestones: list[float] = Field(default_factory=lambda: [0.67, 0.89])  # fractions of training
+    warmup_iters: int = Field(50, ge=0)
+    warmup_factor: float = Field(0.001, gt=0.0, le=1.0)
+    grad_clip: Optional[float] = Field(10.0, gt=0.0)
+    amp: bool = True  # used on CUDA only
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    workers: int = Field(0, ge=0)
+    checkpoint_every: int = Field(200, ge=1)  # iterations between resumable checkpoints
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _milestones(self) -> "TrainConfig":
+        if any(not 0.0 < m < 1.0 for m in self.step_milestones):
+            raise ValueError(f"step_milestones must be fractions in (0, 1), got {self.step_milestones}")
+        return self
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(8, ge=1)
+
+
+class Params(_Section):
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    teacher: NetworkConfig = NetworkConfig(backbone="resnet50")
+    student: NetworkConfig = NetworkConfig(backbone="resnet18")
+    train_teacher: TrainConfig = TrainConfig()
+    train_student: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return ``base`` with ``override`` merged in recursively (override wins on leaves)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _format_error(source: str, err: dict, model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    if err["type"] == "extra_forbidden":
+        parent: Any = model
+        for part in err["loc"][:-1]:
+            field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
+            parent = field.annotation if field is not None else None
+        allowed = sorted(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
+        return f"{source}: unknown key '{loc}'; allowed keys here: {', '.join(allowed)}"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{source}: {loc or '<top level>'}: {err['msg']}{shown}"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a plain dict (as read from YAML) into ``Params``; raise ``ConfigError`` on the first problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, exc.errors()[0], Params)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Optional[dict] = None) -> Params:
+    """Read and validate ``path``; ``overrides`` (a nested dict) is merged on top before validation."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if overrides:
+        raw = deep_merge(raw or {}, overrides)
+    return parse_params(raw, str(path))

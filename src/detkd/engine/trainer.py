@@ -1,0 +1,182 @@
+"""One training loop for the teacher, the baseline student and (later) distillation.
+
+Contract: ``train(module, dataset, cfg, ...)`` optimises ``module``, whose ``forward(images, targets)``
+returns a dict of named scalar losses (a torchvision detector in train mode does exactly this; a
+distillation wrapper returns ``task/*`` plus ``distill/*`` terms). The loop sums the dict, logs every
+term, and knows nothing about what the terms mean.
+
+It provides: SGD/AdamW, warm-up + schedule (a pure function of the iteration, see ``optim``), gradient
+clipping, AMP on CUDA, deterministic data order (``EpochSampler``), a progress bar with loss and ETA,
+periodic resumable checkpoints (``state_path``), and DistributedDataParallel under ``torchrun`` where
+only rank 0 writes. A non-finite loss raises ``TrainingDivergedError``; the last periodic checkpoint,
+written only from finite steps, is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from detkd.config import TrainConfig
+from detkd.data.dataset import DetectionDataset, EpochSampler, make_loader
+from detkd.engine.checkpoint import load_file
+from detkd.engine.distributed import DistInfo, all_reduce_mean
+from detkd.engine.optim import build_optimizer, build_scheduler
+from detkd.errors import TrainingDivergedError
+from detkd.io import atomic_torch_save
+
+LogFn = Callable[[int, dict], None]
+
+
+@dataclass
+class TrainResult:
+    iterations: int
+    seconds: float  # wall time of this process's training (excludes resumed parts)
+    seconds_per_iter: float
+    peak_memory_mb: float
+    history: list[dict] = field(default_factory=list)  # rows logged every ``log_every`` iterations
+    resumed_from: int = 0
+
+
+def _prefixed(losses: dict) -> dict:
+    return {(k if "/" in k else f"task/{k}"): v for k, v in losses.items()}
+
+
+def _to_device(images, targets, device):
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train(
+    module: nn.Module,
+    dataset: DetectionDataset,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    dist_info: DistInfo = DistInfo(),
+    state_path: Optional[Path] = None,
+    fingerprint: str = "",
+    on_log: Optional[LogFn] = None,
+    description: str = "train",
+) -> TrainResult:
+    """Train ``module`` in place for ``cfg.epochs`` epochs over ``dataset``; see the module docstring."""
+    module.to(device)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, cfg)
+    sampler = EpochSampler(len(dataset), seed, shuffle=True, hflip_p=cfg.hflip, rank=dist_info.rank, world=dist_info.world)
+    iters_per_epoch = math.ceil(sampler.per_rank / cfg.batch_size)
+    total = cfg.epochs * iters_per_epoch
+    scheduler = build_scheduler(optimizer, total, cfg)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start, history = 0, []
+    if state_path is not None and state_path.is_file():
+        state = load_file(state_path)
+        if state.get("fingerprint") == fingerprint and state.get("total") == total:
+            module.load_state_dict(state["module"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            start, history = int(state["iteration"]), list(state["history"])
+            torch.set_rng_state(state["rng"])
+            if dist_info.is_main:
+                print(f"{description}: resuming from {state_path} at iteration {start}/{total}")
+        elif dist_info.is_main:
+            print(f"{description}: ignoring {state_path} (made with other settings); starting afresh")
+
+    model = module
+    if dist_info.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+    model.train()
+
+    def save_state(iteration: int) -> None:
+        if state_path is None or not dist_info.is_main:
+            return
+        atomic_torch_save(
+            state_path,
+            {
+                "module": module.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "iteration": iteration,
+                "total": total,
+                "history": history,
+                "fingerprint": fingerprint,
+                "rng": torch.get_rng_state(),
+            },
+        )
+
+    bar = tqdm(total=total, initial=start, desc=description, disable=not dist_info.is_main, dynamic_ncols=True,
+               mininterval=1.0)
+    iteration, t0, running = start, time.perf_counter(), {}
+    for epoch in range(start // iters_per_epoch, cfg.epochs):
+        skip = (iteration - epoch * iters_per_epoch) * cfg.batch_size
+        sampler.set_epoch(epoch, skip=skip)
+        for images, targets in make_loader(dataset, cfg.batch_size, cfg.workers, sampler):
+            images, targets = _to_device(images, targets, device)
+            with torch.autocast(device.type, enabled=use_amp):
+                losses = _prefixed(model(images, targets))
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                kept = f"the last good checkpoint is {state_path}" if state_path and state_path.is_file() else "no checkpoint was written yet"
+                raise TrainingDivergedError(
+                    f"{description}: loss became {loss.item()} at iteration {iteration} ({terms}); {kept}. "
+                    "Lower the learning rate or enable grad_clip in params.yaml."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            iteration += 1
+
+            for k, v in losses.items():
+                running[k] = running.get(k, 0.0) + float(v.detach())
+            running["loss"] = running.get("loss", 0.0) + float(loss.detach())
+            running["_n"] = running.get("_n", 0) + 1
+            if iteration % cfg.log_every == 0 or iteration == total:
+                n = running.pop("_n")
+                row = {k: float(all_reduce_mean(torch.tensor(v / n, device=device), dist_info)) for k, v in running.items()}
+                row.update(step=iteration, epoch=epoch, lr=optimizer.param_groups[0]["lr"])
+                history.append(row)
+                running = {}
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
+                if on_log is not None and dist_info.is_main:
+                    on_log(iteration, row)
+            bar.update(1)
+            if iteration % cfg.checkpoint_every == 0 and iteration < total:
+                save_state(iteration)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    done = iteration - start
+    return TrainResult(
+        iterations=iteration,
+        seconds=seconds,
+        seconds_per_iter=seconds / max(done, 1),
+        peak_memory_mb=_peak_memory_mb(device),
+        history=history,
+        resumed_from=start,
+    )

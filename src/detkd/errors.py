@@ -1,0 +1,25 @@
+"""Exceptions that the pipeline turns into one-line messages.
+
+Every error a user can fix (bad params, bad data, missing checkpoint) is a ``DetkdError``; the stage
+entries catch it and print ``error: <message>`` with exit status 2 instead of a traceback.
+"""
+
+
+class DetkdError(Exception):
+    """Base class: a problem with the user's input that the message explains how to fix."""
+
+
+class ConfigError(DetkdError):
+    """``params.yaml`` (or an override) has an unknown key, a wrong type or an out-of-range value."""
+
+
+class DataError(DetkdError):
+    """A dataset file is missing, unreadable or malformed."""
+
+
+class CheckpointError(DetkdError):
+    """A checkpoint is missing, corrupt or does not fit the model it is loaded into."""
+
+
+class TrainingDivergedError(DetkdError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

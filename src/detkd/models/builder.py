@@ -1,0 +1,164 @@
+"""Detector builders: torchvision Faster R-CNN + FPN and RetinaNet + FPN on ResNet or MobileNetV3.
+
+Contract: ``build_detector(spec)`` returns a torchvision detector (train mode: dict of named losses;
+eval mode: list of ``{boxes, labels, scores}``) built with ``weights=None``: nothing is downloaded.
+Whatever the backbone, a family always exposes the same pyramid so teacher and student features line
+up level by level (what distillation needs):
+
+- ``fasterrcnn``: FPN levels '0'..'3' = P2..P5 (strides 4..32) + 'pool' = P6 (stride 64);
+- ``retinanet``:  FPN levels '0'..'2' = P3..P5 (strides 8..32) + 'p6', 'p7' (strides 64, 128).
+
+Labels are contiguous 1..K with 0 reserved for background, so both families get ``K + 1`` classes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Optional
+
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v3_large, resnet18, resnet34, resnet50, resnet101
+from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from detkd.config import BACKBONES, FAMILIES, ModelConfig
+from detkd.engine.checkpoint import load_state_dict_file
+from detkd.errors import CheckpointError, ConfigError
+
+_RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet101": resnet101}
+# Indices into torchvision's MobileNetV3 stage list whose outputs have strides 4, 8, 16, 32.
+_MOBILENET_STAGES = {4: 1, 8: 2, 16: 3, 32: 5}
+FPN_STRIDES = {"fasterrcnn": (4, 8, 16, 32), "retinanet": (8, 16, 32)}
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """Everything needed to rebuild a detector; stored in every checkpoint's metadata."""
+
+    family: str
+    backbone: str
+    num_classes: int  # foreground classes K
+    model: dict = field(default_factory=dict)  # ModelConfig as a plain dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DetectorSpec":
+        return cls(data["family"], data["backbone"], int(data["num_classes"]), dict(data["model"]))
+
+
+def make_spec(family: str, backbone: str, num_classes: int, model_cfg: ModelConfig) -> DetectorSpec:
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown detector family '{family}'; choose one of: {', '.join(FAMILIES)}")
+    if backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone '{backbone}'; choose one of: {', '.join(BACKBONES)}")
+    return DetectorSpec(family, backbone, num_classes, model_cfg.model_dump())
+
+
+def _body_with_fpn(family: str, backbone: str, fpn_channels: int, backbone_weights: Optional[str]) -> BackboneWithFPN:
+    strides = FPN_STRIDES[family]
+    extra = LastLevelMaxPool() if family == "fasterrcnn" else LastLevelP6P7(fpn_channels, fpn_channels)
+    if backbone in _RESNETS:
+        body = _RESNETS[backbone](weights=None)
+        _load_backbone_weights(body, backbone_weights)
+        layer_of_stride = {4: 1, 8: 2, 16: 3, 32: 4}
+        return_layers = {f"layer{layer_of_stride[s]}": str(k) for k, s in enumerate(strides)}
+        in_channels = [_resnet_stage_channels(body, layer_of_stride[s]) for s in strides]
+        return BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks=extra)
+    body = mobilenet_v3_large(weights=None)
+    _load_backbone_weights(body, backbone_weights)
+    features = body.features
+    stage_indices = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
+    chosen = [stage_indices[_MOBILENET_STAGES[s]] for s in strides]
+    return_layers = {str(idx): str(k) for k, idx in enumerate(chosen)}
+    in_channels = [features[idx].out_channels for idx in chosen]
+    return BackboneWithFPN(features, return_layers, in_channels, fpn_channels, extra_blocks=extra)
+
+
+def _resnet_stage_channels(body: nn.Module, layer: int) -> int:
+    block = getattr(body, f"layer{layer}")[-1]
+    last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
+    return last_bn.num_features
+
+
+def _load_backbone_weights(body: nn.Module, path: Optional[str]) -> None:
+    """Load a classification checkpoint into the backbone; its classifier head keys are ignored."""
+    if not path:
+        return
+    state = load_state_dict_file(path)
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: does not fit the backbone (missing keys: {missing[:3]}, unexpected keys: {unexpected[:3]})"
+        )
+
+
+def build_detector(
+    spec: DetectorSpec, weights: Optional[str] = None, backbone_weights: Optional[str] = None
+) -> nn.Module:
+    """Build the detector described by ``spec``; optionally load local detector or backbone weights."""
+    cfg = ModelConfig.model_validate(spec.model)
+    body = _body_with_fpn(spec.family, spec.backbone, cfg.fpn_channels, backbone_weights)
+    num_classes = spec.num_classes + 1
+    common = dict(
+        min_size=cfg.min_size, max_size=cfg.max_size, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std)
+    )
+    ratios = tuple(cfg.aspect_ratios)
+    if spec.family == "fasterrcnn":
+        anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), (ratios,) * 5)
+        model = FasterRCNN(
+            body,
+            num_classes=None,
+            rpn_anchor_generator=anchors,
+            rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+            rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+            rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+            rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+            rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+            box_head=TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.representation_size),
+            box_predictor=FastRCNNPredictor(cfg.representation_size, num_classes),
+            box_batch_size_per_image=cfg.box_batch_size_per_image,
+            box_detections_per_img=cfg.detections_per_image,
+            box_score_thresh=cfg.score_threshold,
+            **common,
+        )
+    else:
+        octaves = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
+        anchors = AnchorGenerator(tuple(tuple(s * o for o in octaves) for s in cfg.anchor_sizes), (ratios,) * 5)
+        head = RetinaNetHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
+                             norm_layer=partial(nn.GroupNorm, math.gcd(16, cfg.fpn_channels)))
+        model = RetinaNet(
+            body,
+            num_classes,
+            anchor_generator=anchors,
+            head=head,
+            detections_per_img=cfg.detections_per_image,
+            score_thresh=cfg.score_threshold,
+            **common,
+        )
+    if weights:
+        state = load_state_dict_file(weights)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{weights}: does not fit a {spec.family}/{spec.backbone} detector with "
+                                  f"{spec.num_classes} classes: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_size_mb(model: nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t)) / 2**20

@@ -1,0 +1,79 @@
+"""Train one detector (teacher or baseline student) from params: the ``train_*`` stages' library half.
+
+Contract: ``train_detector(params, role, data_dir, out, ...)`` builds the ``role`` network declared in
+params, trains it on the prepared train split with ``train_<role>``'s schedule, and writes a model
+checkpoint (state dict + metadata: spec, classes, provenance, timing) to ``out``. Only rank 0 writes.
+Periodic training states live in ``state_dir`` so an interrupted stage resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from detkd.cli import fingerprint, seed_everything
+from detkd.config import Params
+from detkd.data.dataset import DetectionDataset, load_manifest, open_split
+from detkd.engine.checkpoint import save_model_checkpoint
+from detkd.engine.distributed import DistInfo, barrier, pick_device
+from detkd.engine.trainer import TrainResult, train
+from detkd.models.builder import build_detector, make_spec
+from detkd.tracking.mlflow_run import git_commit
+
+
+def train_detector(
+    params: Params,
+    role: str,
+    data_dir: str | Path,
+    out: str | Path,
+    state_dir: Optional[str | Path] = None,
+    dist_info: DistInfo = DistInfo(),
+    on_log=None,
+    run_id: Optional[str] = None,
+) -> TrainResult:
+    network = getattr(params, role)
+    schedule = getattr(params, f"train_{role}")
+    index = open_split(data_dir, "train", params.data.min_box_size)
+    spec = make_spec(params.model.family, network.backbone, index.num_classes, params.model)
+    seed_everything(params.seed)
+    model = build_detector(spec, network.weights, network.backbone_weights)
+    device = pick_device(dist_info)
+    key = fingerprint(spec.to_dict(), schedule.model_dump(), network.model_dump(), params.seed, load_manifest(data_dir))
+    state_path = Path(state_dir) / "state.pt" if state_dir else None
+    result = train(
+        model, DetectionDataset(index), schedule, seed=params.seed, device=device, dist_info=dist_info,
+        state_path=state_path, fingerprint=key, on_log=on_log, description=f"train {role}",
+    )
+    if dist_info.is_main:
+        meta = {
+            "spec": spec.to_dict(),
+            "role": role,
+            "category_ids": index.category_ids,
+            "category_names": index.category_names,
+            "git_commit": git_commit(),
+            "mlflow_run_id": run_id or "",
+            "train": {
+                "iterations": result.iterations,
+                "seconds": result.seconds,
+                "seconds_per_iter": result.seconds_per_iter,
+                "peak_memory_mb": result.peak_memory_mb,
+            },
+        }
+        save_model_checkpoint(out, model, meta)
+        if state_path is not None and state_path.exists():
+            state_path.unlink()  # finished: the final checkpoint supersedes the resumable state
+    barrier(dist_info)
+    return result
+
+
+def load_detector(path: str | Path, device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a detector from a model checkpoint (``weights_only`` load) and put it in eval mode."""
+    from detkd.engine.checkpoint import load_model_checkpoint
+    from detkd.models.builder import DetectorSpec
+
+    state, meta = load_model_checkpoint(path)
+    model = build_detector(DetectorSpec.from_dict(meta["spec"]))
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta

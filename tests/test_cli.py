@@ -1,0 +1,90 @@
+"""Stage entries turn user mistakes into one-line errors (exit status 2) and leave earlier outputs intact."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from detkd.config import deep_merge
+from detkd.smoke import SMOKE_OVERRIDES
+
+from conftest import REPO
+
+
+def _stage(script, *args, cwd):
+    env = {**os.environ, "DETKD_TRACKING": "off"}
+    return subprocess.run([sys.executable, str(REPO / "pipeline" / script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _params(tmp_path, overrides):
+    raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        ({"train_teacher": {"epoch": 3}}, ["unknown key 'train_teacher.epoch'", "epochs"]),
+        ({"student": {"backbone": "resnet9"}}, ["student.backbone", "resnet9", "mobilenet_v3_large"]),
+        ({"train_student": {"batch_size": 0}}, ["train_student.batch_size", "greater than or equal to 1"]),
+        ({"seed": "one"}, ["seed", "integer"]),
+    ],
+)
+def test_params_mistakes(tmp_path, overrides, fragments):
+    params = _params(tmp_path, overrides)
+    proc = _stage("prepare.py", "--params", str(params), "--out", "data/prepared", cwd=tmp_path)
+    _assert_one_line_error(proc, str(params), *fragments)
+    assert not (tmp_path / "data").exists()
+
+
+def test_failed_prepare_keeps_previous_output(tmp_path):
+    good = _params(tmp_path, SMOKE_OVERRIDES)
+    assert _stage("prepare.py", "--params", str(good), cwd=tmp_path).returncode == 0
+    manifest = (tmp_path / "data/prepared/dataset.json").read_text()
+    bad = _params(tmp_path, {"data": {"source": "coco", "root": str(tmp_path / "no-coco-here")}})
+    proc = _stage("prepare.py", "--params", str(bad), cwd=tmp_path)
+    _assert_one_line_error(proc, "no-coco-here", "not found")
+    assert (tmp_path / "data/prepared/dataset.json").read_text() == manifest
+
+
+def test_coco_directory_with_a_bad_annotation(tmp_path):
+    from conftest import write_coco
+
+    root = tmp_path / "coco"
+    (root / "train2017").mkdir(parents=True)
+    (root / "val2017").mkdir()
+    write_coco(root / "annotations/instances_train2017.json", [], [], [{"id": 1, "name": "a"}])
+    write_coco(root / "annotations/instances_val2017.json", [], [], [])
+    params = _params(tmp_path, {"data": {"source": "coco", "root": str(root)}})
+    proc = _stage("prepare.py", "--params", str(params), cwd=tmp_path)
+    _assert_one_line_error(proc, "instances_val2017.json", "'categories' is empty")
+
+
+def test_training_without_prepared_data(tmp_path):
+    params = _params(tmp_path, SMOKE_OVERRIDES)
+    proc = _stage("train.py", "--role", "teacher", "--params", str(params), "--out", "m.pt", "--history", "h.csv",
+                  cwd=tmp_path)
+    _assert_one_line_error(proc, "dataset.json", "run the 'prepare' stage first")
+
+
+def test_evaluate_with_corrupt_checkpoint(tmp_path):
+    params = _params(tmp_path, SMOKE_OVERRIDES)
+    assert _stage("prepare.py", "--params", str(params), cwd=tmp_path).returncode == 0
+    (tmp_path / "bad.pt").write_bytes(b"\x00" * 10)
+    proc = _stage("evaluate.py", "--params", str(params), "--model", "x=bad.pt", cwd=tmp_path)
+    _assert_one_line_error(proc, "bad.pt", "not a readable checkpoint")
+    assert not (tmp_path / "reports/eval.json").exists()
