@@ -27,9 +27,9 @@ def test_every_backbone_builds_trains_and_predicts(family, backbone):
     sum(losses.values()).backward()
     model.eval()
     with torch.no_grad():
-        features = model.backbone(torch.rand(1, 3, 64, 64))
+        features = model.backbone(torch.rand(1, 3, 256, 256))
         out = model([torch.rand(3, 64, 64)])
-    strides = [64 // f.shape[-1] for f in features.values()]
+    strides = [256 // f.shape[-1] for f in features.values()]
     assert strides == ([4, 8, 16, 32, 64] if family == "fasterrcnn" else [8, 16, 32, 64, 128])
     assert all(f.shape[1] == 32 for f in features.values())
     assert set(out[0]) == {"boxes", "labels", "scores"}

@@ -30,12 +30,12 @@ class SyntheticConfig(_Section):
     num_train: int = Field(600, ge=1)
     num_val: int = Field(150, ge=1)
     image_size: int = Field(128, ge=32, le=4096)
-    num_classes: int = Field(6, ge=1, le=8)
+    num_classes: int = Field(4, ge=1, le=8)
     max_objects: int = Field(8, ge=1, le=100)
     empty_fraction: float = Field(0.08, ge=0.0, le=1.0)
-    min_object_size: float = Field(6.0, gt=1.0)
+    min_object_size: float = Field(8.0, gt=1.0)
     max_object_size: float = Field(64.0, gt=1.0)
-    clutter: int = Field(10, ge=0, le=200)
+    clutter: int = Field(8, ge=0, le=200)
     max_occlusion: float = Field(0.6, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
@@ -90,8 +90,8 @@ class ModelConfig(_Section):
     rpn_post_nms_top_n_train: int = Field(500, ge=1)
     rpn_pre_nms_top_n_test: int = Field(500, ge=1)
     rpn_post_nms_top_n_test: int = Field(300, ge=1)
-    box_batch_size_per_image: int = Field(256, ge=1)
-    representation_size: int = Field(512, ge=8)
+    box_batch_size_per_image: int = Field(64, ge=1)
+    representation_size: int = Field(256, ge=8)
     detections_per_image: int = Field(100, ge=1)
     score_threshold: float = Field(0.05, ge=0.0, le=1.0)
 
@@ -118,9 +118,9 @@ class TrainConfig(_Section):
     """One training schedule. The baseline and distilled students share ``train_student``."""
 
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(8, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.02, gt=0.0, le=10.0)
+    batch_size: int = Field(4, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(0.001, gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
@@ -149,7 +149,7 @@ class Params(_Section):
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    teacher: NetworkConfig = NetworkConfig(backbone="resnet50")
+    teacher: NetworkConfig = NetworkConfig(backbone="resnet34")
     student: NetworkConfig = NetworkConfig(backbone="resnet18")
     train_teacher: TrainConfig = TrainConfig()
     train_student: TrainConfig = TrainConfig()

@@ -6,8 +6,9 @@ per-split statistics. The same (cfg, seed) gives byte-identical files on any mac
 from its own generator seeded by ``(seed, split, index)``, so the order of generation does not matter.
 
 What makes it a detection problem rather than a toy:
-- shape classes that come in confusable pairs (square/diamond, circle/ring, cross/star), so capacity
-  matters;
+- shape classes that come in confusable pairs (square/diamond, circle/ring, cross/star, triangle/hexagon):
+  the two classes of a pair share a hue family (colour narrows an object down to its pair, only the
+  shape tells the pair apart), so capacity matters;
 - object sizes drawn log-uniformly from ``min_object_size`` (< 16 px, COCO "small") to
   ``max_object_size``, with random aspect, rotation, colour and an outline on some;
 - a textured background (colour gradient + noise) and clutter (lines, arcs and irregular blobs that are
@@ -21,6 +22,7 @@ id mapping that real COCO (ids 1..90 with gaps) needs. ``area`` is the visible p
 
 from __future__ import annotations
 
+import colorsys
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,11 +152,11 @@ def render_image(cfg: SyntheticConfig, seed: int, split: str, index: int) -> tup
             if visible_ok:
                 owner = new_owner
                 placed.append(_Placed(label, mask))
-                colour = rng.uniform(0, 255, 3)
+                colour = _class_colour(rng, label, cfg.num_classes)
                 # Keep contrast with the local background so an object is always visible in principle.
                 local = pixels[mask].mean(axis=0)
-                if np.abs(colour - local).sum() < 120:
-                    colour = 255 - local
+                if np.abs(colour - local).sum() < 120:  # darken or lighten, keeping the hue
+                    colour = colour * 0.3 if local.mean() > 127 else 255 - (255 - colour) * 0.3
                 pixels[mask] = colour + rng.normal(0, 4, (int(mask.sum()), 3))
                 if rng.random() < 0.5:  # a darker outline on half of the objects
                     edge = mask & ~_erode(mask)
@@ -169,6 +171,14 @@ def render_image(cfg: SyntheticConfig, seed: int, split: str, index: int) -> tup
             {"label": p.label, "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float((owner == j).sum())}
         )
     return np.clip(pixels, 0, 255).astype(np.uint8), annotations
+
+
+def _class_colour(rng: np.random.Generator, label: int, num_classes: int) -> np.ndarray:
+    """RGB 0..255 from the hue family of ``label``'s pair (families evenly spaced, +-0.08 hue jitter)."""
+    families = (num_classes + 1) // 2
+    hue = (label // 2) / families + rng.uniform(-0.08, 0.08)
+    rgb = colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0))
+    return np.asarray(rgb) * 255.0
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:

@@ -104,7 +104,9 @@ def train(
     model = module
     if dist_info.enabled:
         ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
     model.train()
 
     def save_state(iteration: int) -> None:
