@@ -1,7 +1,8 @@
-"""Stages ``train_teacher`` and ``train_student``: train one detector without distillation.
+"""Stages ``train_teacher``, ``train_student`` and (with ``--teacher``) ``distill``: train one detector.
 
-Reads params: seed, model, <role>, train_<role>. Writes: the model checkpoint, the loss history (CSV for
-``dvc plots``) and its PNG. Under ``torchrun`` trains with DistributedDataParallel; only rank 0 writes.
+Reads params: seed, model, <role>, train_<role> (+ distill with --teacher). Writes: the model checkpoint,
+the loss history (CSV for ``dvc plots``, every loss term) and its PNG. Under ``torchrun`` trains with
+DistributedDataParallel; only rank 0 writes.
 """
 
 import argparse
@@ -23,6 +24,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--history", required=True, help="CSV of the loss curve")
     parser.add_argument("--state-dir", default=None, help="where resumable training states go")
+    parser.add_argument("--teacher", default=None, help="distil the student from this teacher checkpoint")
     args = parser.parse_args()
 
     params = load_params(args.params)
@@ -31,21 +33,26 @@ def main() -> None:
         "seed": params.seed, "model": params.model.model_dump(), args.role: getattr(params, args.role).model_dump(),
         f"train_{args.role}": getattr(params, f"train_{args.role}").model_dump(), "world_size": info.world,
     }
+    stage = f"train_{args.role}"
+    if args.teacher:
+        stage = "distill"
+        logged["distill"] = {"method": params.distill.method, params.distill.method: params.distill.hparams(),
+                             "teacher": args.teacher}
     try:
-        with stage_run(f"train_{args.role}", logged, rank_zero=info.is_main) as run:
+        with stage_run(stage, logged, rank_zero=info.is_main) as run:
             result = train_detector(
-                params, args.role, args.data, args.out, args.state_dir or f"checkpoints/{args.role}", info,
-                on_log=lambda step, row: run.log_metrics(row, step), run_id=run.run_id,
+                params, args.role, args.data, args.out, args.state_dir or f"checkpoints/{stage}", info,
+                on_log=lambda step, row: run.log_metrics(row, step), run_id=run.run_id, teacher_path=args.teacher,
             )
             if info.is_main:
                 write_history_csv(args.history, result.history)
                 plot_path = str(Path(args.history).with_suffix(".png"))
-                plot_history(plot_path, result.history, f"train {args.role}")
+                plot_history(plot_path, result.history, stage)
                 run.log_metrics({"train_seconds": result.seconds, "seconds_per_iter": result.seconds_per_iter,
                                  "peak_memory_mb": result.peak_memory_mb})
                 for path in (args.out, args.history, plot_path):
                     run.log_artifact(path)
-                print(f"train {args.role}: {result.iterations} iterations, {result.seconds:.0f} s "
+                print(f"{stage}: {result.iterations} iterations, {result.seconds:.0f} s "
                       f"({result.seconds_per_iter:.3f} s/it) -> {args.out}")
     finally:
         cleanup(info)

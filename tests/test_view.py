@@ -30,5 +30,6 @@ def test_view_matches_torchvision_forward(family):
         pooled, logits, _ = roi_head_outputs(model, out.features, out.rois, batch.image_sizes)
         torch.testing.assert_close(logits, out.class_logits)
     else:
-        assert out.head_outputs["cls_logits"].shape[:2] == out.head_outputs["bbox_regression"].shape[:2]
-        assert len(out.matched_idxs) == 2 and out.matched_idxs[0].shape[0] == out.anchors[0].shape[0]
+        assert len(out.matched_idxs) == 2 and out.matched_idxs[0].shape[0] == out.dense.anchors[0].shape[0]
+    assert out.dense.logits.shape[:2] == out.dense.deltas.shape[:2] == (2, out.dense.anchors[0].shape[0])
+    assert sum(out.dense.num_per_level) == out.dense.anchors[0].shape[0]

@@ -141,6 +141,27 @@ class TrainConfig(_Section):
         return self
 
 
+DISTILL_METHODS = ("none", "fitnet", "dsig", "drkd", "gid", "defeat", "mar")
+HParams = dict[str, float | int | bool]
+
+
+class DistillConfig(_Section):
+    """``method`` selects the method; ``<method>`` holds its hyper-parameters (constructor keyword arguments,
+    checked against the method's signature before training starts)."""
+
+    method: Literal["none", "fitnet", "dsig", "drkd", "gid", "defeat", "mar"] = "defeat"
+    none: HParams = Field(default_factory=dict)
+    fitnet: HParams = Field(default_factory=dict)
+    dsig: HParams = Field(default_factory=dict)
+    drkd: HParams = Field(default_factory=dict)
+    gid: HParams = Field(default_factory=dict)
+    defeat: HParams = Field(default_factory=dict)
+    mar: HParams = Field(default_factory=dict)
+
+    def hparams(self) -> dict:
+        return dict(getattr(self, self.method))
+
+
 class EvalConfig(_Section):
     batch_size: int = Field(8, ge=1)
 
@@ -153,6 +174,7 @@ class Params(_Section):
     student: NetworkConfig = NetworkConfig(backbone="resnet18")
     train_teacher: TrainConfig = TrainConfig()
     train_student: TrainConfig = TrainConfig()
+    distill: DistillConfig = DistillConfig()
     eval: EvalConfig = EvalConfig()
 
 

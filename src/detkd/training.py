@@ -32,7 +32,10 @@ def train_detector(
     dist_info: DistInfo = DistInfo(),
     on_log=None,
     run_id: Optional[str] = None,
+    teacher_path: Optional[str | Path] = None,
 ) -> TrainResult:
+    """With ``teacher_path`` the student is distilled from that teacher with ``params.distill``: same
+    initialisation (seed), data order and schedule as the baseline student, plus the method's terms."""
     network = getattr(params, role)
     schedule = getattr(params, f"train_{role}")
     index = open_split(data_dir, "train", params.data.min_box_size)
@@ -41,10 +44,15 @@ def train_detector(
     model = build_detector(spec, network.weights, network.backbone_weights)
     device = pick_device(dist_info)
     key = fingerprint(spec.to_dict(), schedule.model_dump(), network.model_dump(), params.seed, load_manifest(data_dir))
+    module, distill_meta = model, None
+    if teacher_path is not None:
+        module, distill_meta = _distillation_module(params, model, spec, index, teacher_path)
+        key = fingerprint(key, distill_meta)
     state_path = Path(state_dir) / "state.pt" if state_dir else None
     result = train(
-        model, DetectionDataset(index), schedule, seed=params.seed, device=device, dist_info=dist_info,
-        state_path=state_path, fingerprint=key, on_log=on_log, description=f"train {role}",
+        module, DetectionDataset(index), schedule, seed=params.seed, device=device, dist_info=dist_info,
+        state_path=state_path, fingerprint=key, on_log=on_log,
+        description=f"distill {role} ({params.distill.method})" if distill_meta else f"train {role}",
     )
     if dist_info.is_main:
         meta = {
@@ -61,11 +69,30 @@ def train_detector(
                 "peak_memory_mb": result.peak_memory_mb,
             },
         }
+        if distill_meta:
+            meta["distill"] = distill_meta
         save_model_checkpoint(out, model, meta)
         if state_path is not None and state_path.exists():
             state_path.unlink()  # finished: the final checkpoint supersedes the resumable state
     barrier(dist_info)
     return result
+
+
+def _distillation_module(params: Params, student: torch.nn.Module, spec, index, teacher_path):
+    """Wrap ``student`` with the frozen teacher and the configured method; every check runs here, before
+    any training step (unknown method, family it cannot serve, bad hyper-parameter, incompatible teacher)."""
+    from detkd.distill import build_method
+    from detkd.distill.wrapper import DistillationModel, check_compatible
+
+    method_name, hparams = params.distill.method, params.distill.hparams()
+    teacher, teacher_meta = load_detector(teacher_path)
+    student_meta = {"category_ids": index.category_ids}
+    check_compatible(student, teacher, student_meta, teacher_meta)
+    method = build_method(method_name, spec.family, spec.model["fpn_channels"],
+                          teacher_meta["spec"]["model"]["fpn_channels"], hparams)
+    meta = {"method": method_name, "hparams": hparams, "teacher": str(teacher_path),
+            "teacher_backbone": teacher_meta["spec"]["backbone"]}
+    return DistillationModel(student, teacher, method), meta
 
 
 def load_detector(path: str | Path, device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, dict]:

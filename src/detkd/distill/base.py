@@ -1,0 +1,110 @@
+"""Distillation method interface and registry.
+
+A method is an ``nn.Module`` that owns its adapters (student side, trained with the student, dropped
+at inference) and maps one ``DistillInputs`` to already-weighted loss terms named ``distill/<term>``.
+It declares the detector families it serves and the inputs it needs; both are checked before training
+starts (``check_method``). Hyper-parameters are plain constructor keyword arguments from
+``params.yaml: distill.<method>``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
+
+from detkd.errors import ConfigError
+from detkd.models.view import DenseOutputs, DetectorTensors
+
+
+@dataclass(frozen=True)
+class DistillInputs:
+    """Everything a method may read for one batch. Teacher tensors are computed without gradients.
+
+    ``teacher_rois`` lets a method run the frozen teacher's RoI head on boxes of its choosing
+    (``(boxes per image) -> (pooled, logits, deltas)``, two-stage only); ``teacher_dense`` gives the
+    teacher's dense head outputs (RetinaNet ``cls_logits``/``bbox_regression``) and is ``None`` for
+    Faster R-CNN.
+    """
+
+    family: str  # "fasterrcnn" | "retinanet"
+    images: ImageList  # the student's transformed batch, shared with the teacher
+    targets: list[dict]  # ground truth in the input frame: boxes [n, 4] xyxy, labels [n]
+    student: DetectorTensors
+    teacher_features: "OrderedDict[str, Tensor]"  # level -> [N, C_t, H, W]
+    teacher_rois: Optional[Callable[[list[Tensor]], tuple[Tensor, Tensor, Tensor]]] = None
+    teacher_dense: Optional[DenseOutputs] = None
+    teacher_proposals: Optional[Callable[[], list[Tensor]]] = None  # teacher RPN proposals per image
+    teacher_sampler: Optional[Callable] = None  # (proposals, targets) -> teacher RoI sampling (rois, matched, labels, reg)
+    student_cls_features: Optional[Callable[[], list[Tensor]]] = None  # classification-branch maps, with gradients
+    teacher_cls_features: Optional[Callable[[], list[Tensor]]] = None
+    student_rois: Optional[Callable[[list[Tensor]], tuple[Tensor, Tensor, Tensor]]] = None  # with gradients
+
+
+class DistillMethod(nn.Module):
+    """Base class. Subclasses set ``name`` and ``families`` and implement ``forward``."""
+
+    name: ClassVar[str] = ""
+    families: ClassVar[tuple[str, ...]] = ("fasterrcnn", "retinanet")
+
+    def __init__(self, family: str, student_channels: int, teacher_channels: int):
+        super().__init__()
+        self.family = family
+        self.student_channels, self.teacher_channels = student_channels, teacher_channels
+
+    def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[DistillMethod]] = {}
+
+
+def register(cls: type[DistillMethod]) -> type[DistillMethod]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def build_method(name: str, family: str, student_channels: int, teacher_channels: int, hparams: dict) -> DistillMethod:
+    """Instantiate ``METHODS[name]``; errors name the method, the family or the bad hyper-parameter."""
+    if name not in METHODS:
+        raise ConfigError(f"distill.method: unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    if family not in cls.families:
+        raise ConfigError(f"distill.method: '{name}' does not serve {family} detectors (it serves: {', '.join(cls.families)})")
+    _check_hparams(cls, name, hparams)
+    return cls(family, student_channels, teacher_channels, **hparams)
+
+
+def _check_hparams(cls: type, name: str, hparams: dict) -> None:
+    """Unknown names and wrong types are ``ConfigError``s naming ``distill.<method>.<key>``."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    allowed = [p for p in params if p not in ("self", "family", "student_channels", "teacher_channels")]
+    for key, value in hparams.items():
+        if key not in allowed:
+            raise ConfigError(f"distill.{name}: unknown hyper-parameter '{key}'; allowed: {', '.join(allowed)}")
+        default = params[key].default
+        ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
+        if isinstance(value, bool) != isinstance(default, bool) or not ok:
+            raise ConfigError(f"distill.{name}.{key}: expected {type(default).__name__}, got {value!r}")
+
+
+# ---- small shared helpers (used by several methods) -------------------------------------------------
+
+def conv_adapter(student_channels: int, teacher_channels: int, kernel: int = 1) -> nn.Conv2d:
+    """Student-side adapter mapping student feature channels to the teacher's."""
+    return nn.Conv2d(student_channels, teacher_channels, kernel, padding=kernel // 2)
+
+
+def zero_if_empty(reference: Tensor) -> Tensor:
+    """A differentiable zero on ``reference``'s device (for batches where a term has nothing to match)."""
+    return reference.sum() * 0.0
+
+
+def level_strides(features: "OrderedDict[str, Tensor]", image_size: int) -> list[int]:
+    return [max(1, round(image_size / f.shape[-1])) for f in features.values()]

@@ -1,0 +1,29 @@
+"""FitNet-style FPN imitation (Romero et al., ICLR 2015, applied to FPN maps as in DeFeat's "all-neck"
+ablation): L = weight * sum_l MSE_mean(A_l(F_S^l), F_T^l) with a 1x1 student adapter per level.
+
+Baseline for the detection-specific methods: no mask, no RoIs, every level and pixel weighted alike.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from detkd.distill.base import DistillInputs, DistillMethod, conv_adapter, register
+
+
+@register
+class FitNet(DistillMethod):
+    name = "fitnet"
+
+    def __init__(self, family: str, student_channels: int, teacher_channels: int, weight: float = 1.0,
+                 num_levels: int = 5):
+        super().__init__(family, student_channels, teacher_channels)
+        self.weight = weight
+        self.adapters = nn.ModuleList(conv_adapter(student_channels, teacher_channels) for _ in range(num_levels))
+
+    def forward(self, inputs: DistillInputs):
+        student = list(inputs.student.features.values())
+        teacher = list(inputs.teacher_features.values())
+        loss = sum(F.mse_loss(adapter(s), t) for adapter, s, t in zip(self.adapters, student, teacher))
+        return {"distill/fpn": self.weight * loss}

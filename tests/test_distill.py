@@ -1,0 +1,222 @@
+"""Every method x family: finite terms, gradients reach the student and adapters and never the teacher,
+the teacher is unchanged by a step, images with 0 and 1 boxes work. Then each mechanism on hand-built
+inputs with known answers."""
+
+import math
+
+import pytest
+import torch
+
+from detkd.distill import METHODS, build_method
+from detkd.distill.defeat import decoupled_sq_error, group_kl
+from detkd.distill.masks import assign_levels, level_object_masks, rasterise
+from detkd.distill.wrapper import DistillationModel, check_compatible
+from detkd.errors import ConfigError
+from detkd.models.builder import build_detector, make_spec
+
+from test_models import TINY
+
+FAMILIES = ["fasterrcnn", "retinanet"]
+HPARAMS = {"defeat": {"level_base": 8.0}}
+
+
+def _pair(family, method):
+    torch.manual_seed(0)
+    teacher = build_detector(make_spec(family, "resnet34", 3, TINY))
+    student = build_detector(make_spec(family, "resnet18", 3, TINY))
+    m = build_method(method, family, TINY.fpn_channels, TINY.fpn_channels, HPARAMS.get(method, {}))
+    return DistillationModel(student, teacher, m).train()
+
+
+def _batch(n_boxes):
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 64, 64, generator=g) for _ in range(2)]
+    boxes = torch.tensor([[4.0, 6.0, 30.0, 40.0], [30.0, 30.0, 60.0, 50.0]])[:n_boxes]
+    return images, [{"boxes": boxes.clone(), "labels": torch.arange(1, n_boxes + 1)} for _ in images]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("n_boxes", [0, 1, 2])
+def test_method_contract(family, method, n_boxes):
+    model = _pair(family, method)
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    with torch.no_grad():
+        probe = torch.rand(1, 3, 64, 64)
+        teacher_out_before = [f.clone() for f in model.teacher.backbone(probe).values()]
+    losses = model(*_batch(n_boxes))
+    assert all(k.startswith(("task/", "distill/")) for k in losses)
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values()), losses
+    if method != "none":
+        assert any(k.startswith("distill/") for k in losses)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    optimizer.zero_grad()
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.backbone.parameters())
+    distill_terms = {k: v for k, v in losses.items() if k.startswith("distill/") and v.requires_grad}
+    if distill_terms and any(p.requires_grad for p in model.method.parameters()):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.method.parameters()), "adapters get no gradient"
+    optimizer.step()
+    assert all(torch.equal(teacher_before[k], v) for k, v in model.teacher.state_dict().items())  # BN stats too
+    with torch.no_grad():
+        after = list(model.teacher.backbone(probe).values())
+    assert all(torch.equal(a, b) for a, b in zip(teacher_out_before, after))
+    assert not model.teacher.training  # .train() on the wrapper never reaches the teacher
+    assert not any(k.startswith("_teacher") or k.startswith("teacher") for k in model.state_dict())
+
+
+def test_unknown_method_and_unserved_family():
+    with pytest.raises(ConfigError, match=r"unknown method 'dsgi'; known methods: .*defeat.*fitnet"):
+        build_method("dsgi", "fasterrcnn", 32, 32, {})
+    with pytest.raises(ConfigError, match=r"distill.fitnet: unknown hyper-parameter .wieght.; allowed: weight"):
+        build_method("fitnet", "fasterrcnn", 32, 32, {"wieght": 1.0})
+
+
+def test_incompatible_teacher_is_refused():
+    teacher = build_detector(make_spec("fasterrcnn", "resnet18", 3, TINY))
+    student = build_detector(make_spec("fasterrcnn", "resnet18", 3, TINY.model_copy(update={"image_mean": [0.5, 0.5, 0.5]})))
+    meta = {"category_ids": [1, 2, 3]}
+    with pytest.raises(ConfigError, match="image_mean"):
+        check_compatible(student, teacher, meta, meta)
+    with pytest.raises(ConfigError, match=r"teacher classes \[1, 2, 4\] differ"):
+        check_compatible(teacher, teacher, meta, {"category_ids": [1, 2, 4]})
+
+
+# ---- mechanisms with known answers ------------------------------------------------------------------
+
+def test_defeat_level_assignment_follows_the_code_rule():
+    boxes = torch.tensor([[0, 0, 50, 50], [0, 0, 111, 111], [0, 0, 200, 200], [0, 0, 1000, 1000], [0, 0, 5000, 5000.0]])
+    # sqrt((w+1)(h+1)) / 56: 0.9 -> P2, 2.0 -> P3, 3.6 -> P3, 17.9 -> P6 (4), clamped -> 4
+    assert assign_levels(boxes, 56.0, 5).tolist() == [0, 1, 1, 4, 4]
+
+
+def test_rasterise_floors_and_keeps_degenerate_boxes():
+    mask = rasterise(torch.tensor([[4.0, 4.0, 12.0, 9.0], [13.0, 1.0, 13.5, 1.5]]), 4.0, 4, 4)
+    expected = torch.zeros(4, 4)
+    expected[1:2, 1:3] = 1  # rows floor(4/4)=1 .. floor(9/4)=2 (exclusive), cols 1 .. 3
+    expected[0, 3] = 1  # the tiny box keeps its single corner cell
+    assert torch.equal(mask, expected)
+
+
+def test_defeat_normalises_object_and_background_separately():
+    student = torch.zeros(1, 2, 2, 2)
+    teacher = torch.zeros(1, 2, 2, 2)
+    teacher[0, :, 0, 0] = 3.0  # the only object cell: error 9 per channel
+    teacher[0, :, 1, 1] = 1.0  # one background cell: error 1 per channel
+    mask = torch.zeros(1, 1, 2, 2)
+    mask[0, 0, 0, 0] = 1
+    l_obj, l_bg = decoupled_sq_error(student, teacher, mask)
+    assert l_obj.item() == pytest.approx(18 / (2 * 2))  # 2 channels x 9, over 2 x (1 cell x 2 channels)
+    assert l_bg.item() == pytest.approx(2 / (2 * 6))  # 2 channels x 1, over 2 x (3 cells x 2 channels)
+    _, empty_bg = decoupled_sq_error(student, teacher, torch.ones(1, 1, 2, 2))
+    assert empty_bg.item() == 0.0  # no background elements: divided by max(1, 0), no NaN
+
+
+def test_defeat_masks_put_each_box_on_one_level():
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0], [0.0, 0.0, 40.0, 40.0]])}]
+    masks = level_object_masks(targets, [(16, 16), (8, 8), (4, 4)], [4.0, 8.0, 16.0], base=8.0)
+    # sqrt(81)/8 = 1.1 -> level 0 (cells [0,2)^2 at stride 4); sqrt(41*41)/8 = 5.1 -> level 2 ([0,2)^2 at stride 16)
+    assert masks[0].sum() == 4 and masks[1].sum() == 0 and masks[2].sum() == 4
+
+
+def test_group_kl_known_answer():
+    teacher = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])  # p_T = (1/4, 3/4) and (1/2, 1/2)
+    student = torch.zeros(2, 2)  # p_S = (1/2, 1/2)
+    pos, neg = group_kl(student, teacher, torch.tensor([True, False]), tau=1.0)
+    expected = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert pos.item() == pytest.approx(expected, rel=1e-5) and neg.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_dsig_background_mining_threshold():
+    from detkd.distill.dsig import mine_background
+
+    # CE w.r.t. background = -log p(bg); p(bg) = 0.9 -> 0.105 (easy), p(bg) = 0.5 -> 0.693 (kept), 0.549 ~ 0.6 boundary
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.56, 0.44], [0.54, 0.46]]))
+    assert mine_background(logits, 0.6).tolist() == [False, True, False, True]
+    assert mine_background(torch.zeros(0, 2), 0.6).shape == (0,)
+
+
+def test_dsig_adaptive_background_weight_and_per_image_sum():
+    from detkd.distill.dsig import graph_losses
+
+    s = [torch.full((4, 1, 1, 1), 0.5), torch.full((2, 1, 1, 1), 0.5)]
+    t = [torch.ones(4, 1, 1, 1), torch.full((2, 1, 1, 1), 2.0)]
+    labels = [torch.tensor([1, 0, 0, 0]), torch.tensor([2, 0])]
+    easy = torch.tensor([[10.0, -10.0]])  # the teacher is sure these are background: no mined nodes
+    logits = [easy.repeat(4, 1), easy.repeat(2, 1)]
+    l_fg, l_bg, l_edge = graph_losses(s, t, labels, logits, alpha=7.5, threshold=0.6)
+    assert l_fg.item() == pytest.approx(0.25 + 2.25)  # per-image means, summed over images
+    assert l_bg.item() == pytest.approx(7.5 * 1 / 3 * 0.25 + 7.5 * 1 / 1 * 2.25)  # w_i = alpha * n_fg / n_bg
+    assert l_edge.item() == pytest.approx(0.0)  # single fg node per graph: both similarity matrices are [[1]]
+
+
+def test_dsig_edge_loss_known_answer():
+    from detkd.distill.dsig import edge_loss
+
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # orthogonal: E_S = I
+    teacher = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # parallel: E_T = ones
+    assert edge_loss(student, teacher).item() == pytest.approx(0.5 * 2 / 4)  # two off-diagonal entries differ by 1
+
+
+def test_gid_selection_score_topk_and_nms():
+    from torchvision.models.detection._utils import BoxCoder, Matcher
+
+    from detkd.distill.gid import select_general_instances
+    from detkd.models.view import DenseOutputs
+
+    anchors = torch.tensor([[0, 0, 20, 20], [2, 2, 22, 22], [40, 40, 60, 60], [80, 80, 100, 100], [0, 80, 4, 84.0]])
+    def dense(probs):
+        logits = torch.logit(torch.tensor(probs)).view(1, 5, 2)
+        return DenseOutputs(logits, torch.zeros(1, 5, 4), [anchors], [5], BoxCoder((1.0, 1.0, 1.0, 1.0)), Matcher(0.5, 0.4))
+    # per-anchor max_c |p_T - p_S|: 0.8, 0.7 (overlaps the first: suppressed by NMS 0.3), 0.5, 0.1, 0.9 (too small)
+    teacher = dense([[0.9, 0.5], [0.8, 0.5], [0.5, 0.7], [0.5, 0.6], [0.95, 0.5]])
+    student = dense([[0.1, 0.5], [0.1, 0.5], [0.5, 0.2], [0.5, 0.5], [0.05, 0.5]])
+    gis = select_general_instances(student, teacher, [(100, 100)], k=2, nms_iou=0.3, min_box_side=10.0)
+    assert gis[0].tolist() == [[0, 0, 20, 20], [40, 40, 60, 60]]  # score order, NMS, small box dropped, top-2
+
+
+def test_gid_relation_loss_is_scale_invariant_and_zero_below_three():
+    from detkd.distill.gid import relation_loss
+
+    x = torch.randn(5, 3)
+    assert relation_loss(x, 3.0 * x).item() == pytest.approx(0.0, abs=1e-6)  # distances normalised by their mean
+    assert relation_loss(x[:2], x[:2] + 1).item() == 0.0
+    assert relation_loss(x, torch.randn(5, 3)).item() > 0
+
+
+def test_drkd_graph_reasoning_and_instance_relation_shapes_and_filter():
+    from detkd.distill.drkd import GraphReasoning, InstanceRelation
+
+    unit = GraphReasoning(8, 4)
+    x = torch.randn(2, 8, 5, 6)
+    assert unit(x).shape == x.shape
+    with torch.no_grad():  # with a zero BN scale the unit is the identity (residual form)
+        unit.bn.weight.zero_(), unit.bn.bias.zero_()
+    assert torch.allclose(unit(x), x)
+    block = InstanceRelation(8 * 9)
+    r = torch.randn(3, 8, 3, 3)
+    assert block(r).shape == r.shape
+    m = block.relation_filter(r.flatten(1))
+    assert m.shape == (3, 3) and torch.allclose(m.sum(1), torch.ones(3))  # row-stochastic re-weighting
+    assert block(r[:1]).shape == (1, 8, 3, 3)  # one instance: a 1x1 softmax
+
+
+def test_mar_multi_value_mask():
+    from detkd.distill.mar import multi_value_mask
+
+    mask = multi_value_mask(torch.tensor([[8.0, 8.0, 16.0, 16.0]]), 4.0, 8, 8)
+    assert mask[2:4, 2:4].eq(1.0).all()  # inside the box
+    assert mask[1, 1] == 0.5 and mask[4, 4] == 0.5  # the ring: box enlarged 2x about its centre -> [4, 20)
+    assert mask[0, 0] == 0.1 and mask[7, 7] == 0.1  # far background
+    assert mask.unique().tolist() == pytest.approx([0.1, 0.5, 1.0])
+    assert multi_value_mask(torch.zeros(0, 4), 4.0, 2, 2).eq(0.1).all()
+
+
+def test_dsig_logit_kl_divides_by_elements_like_torch_mean():
+    from detkd.distill.dsig import kl_mean_over_elements
+
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    ref = torch.nn.functional.kl_div(torch.log_softmax(s, 1), torch.softmax(t, 1), reduction="sum") / 30
+    assert kl_mean_over_elements(s, t).item() == pytest.approx(ref.item(), rel=1e-5)
