@@ -88,3 +88,41 @@ def test_evaluate_with_corrupt_checkpoint(tmp_path):
     proc = _stage("evaluate.py", "--params", str(params), "--model", "x=bad.pt", cwd=tmp_path)
     _assert_one_line_error(proc, "bad.pt", "not a readable checkpoint")
     assert not (tmp_path / "reports/eval.json").exists()
+
+
+@pytest.mark.parametrize(
+    "teacher_bytes, fragments",
+    [(None, ["missing-teacher.pt", "checkpoint not found"]), (b"PK\x03\x04truncated", ["missing-teacher.pt", "not a readable checkpoint"])],
+)
+def test_distill_with_missing_or_corrupt_teacher_fails_before_training(tmp_path, teacher_bytes, fragments):
+    params = _params(tmp_path, SMOKE_OVERRIDES)
+    assert _stage("prepare.py", "--params", str(params), cwd=tmp_path).returncode == 0
+    if teacher_bytes is not None:
+        (tmp_path / "missing-teacher.pt").write_bytes(teacher_bytes)
+    proc = _stage("train.py", "--role", "student", "--teacher", "missing-teacher.pt", "--params", str(params),
+                  "--out", "d.pt", "--history", "d.csv", cwd=tmp_path)
+    _assert_one_line_error(proc, *fragments)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "d.pt").exists()
+
+
+def test_distill_bad_hyper_parameter_fails_before_training(tmp_path):
+    import torch
+
+    from detkd.engine.checkpoint import save_model_checkpoint
+    from detkd.models.builder import build_detector, make_spec
+    from detkd.config import parse_params
+
+    raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), SMOKE_OVERRIDES)
+    raw = deep_merge(raw, {"distill": {"method": "gid", "gid": {"topk": 5}}})
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    assert _stage("prepare.py", "--params", str(params_path), cwd=tmp_path).returncode == 0
+    p = parse_params(raw)
+    spec = make_spec(p.model.family, p.teacher.backbone, 4, p.model)
+    manifest = json.loads((tmp_path / "data/prepared/dataset.json").read_text())
+    save_model_checkpoint(tmp_path / "t.pt", build_detector(spec), {"spec": spec.to_dict(), "category_ids": [1, 3, 5, 7],
+                                                                   "category_names": manifest["classes"]})
+    proc = _stage("train.py", "--role", "student", "--teacher", "t.pt", "--params", str(params_path),
+                  "--out", "d.pt", "--history", "d.csv", cwd=tmp_path)
+    _assert_one_line_error(proc, "distill.gid", "unknown hyper-parameter 'topk'", "pre_nms_topk")
+    assert not (tmp_path / "d.pt").exists()

@@ -220,3 +220,24 @@ def test_dsig_logit_kl_divides_by_elements_like_torch_mean():
     s, t = torch.randn(6, 5), torch.randn(6, 5)
     ref = torch.nn.functional.kl_div(torch.log_softmax(s, 1), torch.softmax(t, 1), reduction="sum") / 30
     assert kl_mean_over_elements(s, t).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_method_asked_for_a_family_it_cannot_serve():
+    from detkd.distill.base import DistillMethod, register
+
+    @register
+    class OneStageOnly(DistillMethod):
+        name = "one_stage_only"
+        families = ("retinanet",)
+
+    try:
+        with pytest.raises(ConfigError, match=r"'one_stage_only' does not serve fasterrcnn detectors \(it serves: retinanet\)"):
+            build_method("one_stage_only", "fasterrcnn", 32, 32, {})
+    finally:
+        METHODS.pop("one_stage_only")
+
+
+def test_hyper_parameter_types_are_checked():
+    with pytest.raises(ConfigError, match=r"distill.gid.k: expected int, got 2.5"):
+        build_method("gid", "retinanet", 32, 32, {"k": 2.5})
+    build_method("dsig", "fasterrcnn", 32, 32, {"w_fg": 1})  # an int where a float is expected is fine

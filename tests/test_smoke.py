@@ -10,11 +10,12 @@ from conftest import REPO
 @pytest.mark.slow
 def test_smoke_pipeline_runs_every_stage_tracks_and_is_cached(tmp_path):
     summary = run_smoke(REPO, tmp_path)
-    assert set(summary["eval"]) == {"teacher", "student"}
+    assert set(summary["eval"]) == {"teacher", "student", "distilled"}
     for metrics in summary["eval"].values():
         assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class"} <= set(metrics)
         assert 0.0 <= metrics["AP"] <= 1.0 and len(metrics["per_class"]) == 4  # tiny override: 4 classes
-    for path in ("models/teacher.pt", "models/student.pt", "reports/train/teacher.csv", "reports/pr/student.json",
+    for path in ("models/teacher.pt", "models/student.pt", "models/student_distilled.pt", "reports/train/distill.csv",
+                 "reports/train/teacher.csv", "reports/pr/student.json",
                  "reports/pr_curves.png", "reports/data_preview.png", "reports/eval.md", "dvc.lock"):
         assert (tmp_path / path).is_file(), path
     # a second `dvc repro` has nothing to do
@@ -35,6 +36,9 @@ def test_smoke_pipeline_runs_every_stage_tracks_and_is_cached(tmp_path):
     teacher = stages["train_teacher"]
     assert teacher.data.params["teacher.backbone"] == "resnet18" and "loss" in teacher.data.metrics
     assert len(client.get_metric_history(teacher.info.run_id, "loss")) >= 2  # per-step metrics
-    assert "teacher.AP" in stages["evaluate"].data.metrics
+    assert "teacher.AP" in stages["evaluate"].data.metrics and "distilled.AP" in stages["evaluate"].data.metrics
+    distill = stages["distill"]  # the method, its hyper-parameters and every loss term are recorded
+    assert distill.data.params["distill.method"] == "defeat" and "distill.defeat.alpha_bg" in distill.data.params
+    assert {"distill.neck_obj", "distill.neck_bg", "task.loss_classifier"} <= set(distill.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(teacher.info.run_id)}
     assert "teacher.pt" in artifacts
