@@ -141,7 +141,6 @@ class TrainConfig(_Section):
         return self
 
 
-DISTILL_METHODS = ("none", "fitnet", "dsig", "drkd", "gid", "defeat", "mar")
 HParams = dict[str, float | int | bool]
 
 
@@ -149,7 +148,7 @@ class DistillConfig(_Section):
     """``method`` selects the method; ``<method>`` holds its hyper-parameters (constructor keyword arguments,
     checked against the method's signature before training starts)."""
 
-    method: Literal["none", "fitnet", "dsig", "drkd", "gid", "defeat", "mar"] = "defeat"
+    method: Literal["none", "fitnet", "dsig", "drkd", "gid", "defeat", "mar"] = "dsig"
     none: HParams = Field(default_factory=dict)
     fitnet: HParams = Field(default_factory=dict)
     dsig: HParams = Field(default_factory=dict)
