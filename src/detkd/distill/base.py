@@ -9,6 +9,7 @@ starts (``check_method``). Hyper-parameters are plain constructor keyword argume
 
 from __future__ import annotations
 
+import abc
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
@@ -45,19 +46,22 @@ class DistillInputs:
     student_rois: Optional[Callable[[list[Tensor]], tuple[Tensor, Tensor, Tensor]]] = None  # with gradients
 
 
-class DistillMethod(nn.Module):
-    """Base class. Subclasses set ``name`` and ``families`` and implement ``forward``."""
+class DistillMethod(nn.Module, abc.ABC):
+    """Base class. Subclasses set ``name`` and ``families`` and implement ``forward``; those that read
+    ``teacher_dense`` set ``needs_teacher_dense`` so the teacher's dense head only runs for them."""
 
     name: ClassVar[str] = ""
     families: ClassVar[tuple[str, ...]] = ("fasterrcnn", "retinanet")
+    needs_teacher_dense: ClassVar[bool] = False
 
     def __init__(self, family: str, student_channels: int, teacher_channels: int):
         super().__init__()
         self.family = family
         self.student_channels, self.teacher_channels = student_channels, teacher_channels
 
-    def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:
+        """Already-weighted loss terms named ``distill/<term>``."""
 
 
 METHODS: dict[str, type[DistillMethod]] = {}

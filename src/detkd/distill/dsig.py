@@ -93,6 +93,7 @@ class DSIG(DistillMethod):
         self.alpha, self.threshold = alpha, bg_ce_threshold
         self.w_logits, self.w_deltas, self.w_fpn = w_logits, w_deltas, w_fpn
         self.topk, self.max_nodes = topk, max_nodes
+        self.needs_teacher_dense = family == "retinanet"  # only the RetinaNet head KD reads it
         same = student_channels == teacher_channels
         self.roi_adapter = nn.Identity() if same else nn.Conv2d(student_channels, teacher_channels, 1)
         self.fpn_adapters = nn.ModuleList(

@@ -74,6 +74,7 @@ def relation_loss(student: Tensor, teacher: Tensor) -> Tensor:
 @register
 class GID(DistillMethod):
     name = "gid"
+    needs_teacher_dense = True
 
     def __init__(self, family: str, student_channels: int, teacher_channels: int, k: int = 10,
                  pre_nms_topk: int = 3000, nms_iou: float = 0.3, min_box_side: float = 10.0, roi_size: int = 10,

@@ -70,7 +70,7 @@ class DistillationModel(nn.Module):
         family = "fasterrcnn" if hasattr(teacher, "roi_heads") else "retinanet"
         with torch.no_grad():
             teacher_features = teacher.backbone(batch.tensors)
-            dense = dense_outputs(teacher, batch, teacher_features)
+            dense = dense_outputs(teacher, batch, teacher_features) if self.method.needs_teacher_dense else None
 
         def teacher_rois(boxes: list[Tensor]):
             with torch.no_grad():
