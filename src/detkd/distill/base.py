@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
@@ -110,5 +110,16 @@ def zero_if_empty(reference: Tensor) -> Tensor:
     return reference.sum() * 0.0
 
 
-def level_strides(features: "OrderedDict[str, Tensor]", image_size: int) -> list[int]:
-    return [max(1, round(image_size / f.shape[-1])) for f in features.values()]
+def optional_adapter(student_channels: int, teacher_channels: int) -> nn.Module:
+    """Identity when the widths already match, else a 1x1 student adapter (methods without adapters of
+    their own in the paper, where all FPNs were 256 wide)."""
+    return nn.Identity() if student_channels == teacher_channels else conv_adapter(student_channels, teacher_channels)
+
+
+def fpn_mse(student: "OrderedDict[str, Tensor]", teacher: "OrderedDict[str, Tensor]", adapters: nn.ModuleList) -> Tensor:
+    """sum over levels of MSE_mean(A_l(F_S^l), F_T^l): plain whole-map imitation."""
+    return sum(F.mse_loss(a(s), t) for a, s, t in zip(adapters, student.values(), teacher.values()))
+
+
+# RoI pooling levels of each family's pyramid (torchvision's multi-scale pooler picks one per box).
+POOL_LEVELS = {"fasterrcnn": ["0", "1", "2", "3"], "retinanet": ["0", "1", "2", "p6", "p7"]}

@@ -28,9 +28,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import MultiScaleRoIAlign, batched_nms
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image
 
-from detkd.distill.base import DistillInputs, DistillMethod, register, zero_if_empty
+from detkd.distill.base import (POOL_LEVELS, DistillInputs, DistillMethod, fpn_mse, optional_adapter, register,
+                                zero_if_empty)
 
 
 def edge_loss(student_nodes: Tensor, teacher_nodes: Tensor) -> Tensor:
@@ -76,10 +77,6 @@ def kl_mean_over_elements(student_logits: Tensor, teacher_logits: Tensor) -> Ten
     return (log_t.exp() * (log_t - log_s)).sum() / max(student_logits.numel(), 1)
 
 
-def fpn_mse(student: dict, teacher: dict, adapters: nn.ModuleList) -> Tensor:
-    return sum(F.mse_loss(a(s), t) for a, s, t in zip(adapters, student.values(), teacher.values()))
-
-
 @register
 class DSIG(DistillMethod):
     name = "dsig"
@@ -94,12 +91,10 @@ class DSIG(DistillMethod):
         self.w_logits, self.w_deltas, self.w_fpn = w_logits, w_deltas, w_fpn
         self.topk, self.max_nodes = topk, max_nodes
         self.needs_teacher_dense = family == "retinanet"  # only the RetinaNet head KD reads it
-        same = student_channels == teacher_channels
-        self.roi_adapter = nn.Identity() if same else nn.Conv2d(student_channels, teacher_channels, 1)
-        self.fpn_adapters = nn.ModuleList(
-            nn.Identity() if same else nn.Conv2d(student_channels, teacher_channels, 1) for _ in range(num_levels))
+        self.roi_adapter = optional_adapter(student_channels, teacher_channels)
+        self.fpn_adapters = nn.ModuleList(optional_adapter(student_channels, teacher_channels) for _ in range(num_levels))
         if family == "retinanet":
-            self.pool = MultiScaleRoIAlign(["0", "1", "2", "p6", "p7"], 7, 2)
+            self.pool = MultiScaleRoIAlign(POOL_LEVELS[family], 7, 2)
 
     # -- two-stage -----------------------------------------------------------------------------------
     def _two_stage(self, inputs: DistillInputs) -> dict[str, Tensor]:
@@ -141,10 +136,9 @@ class DSIG(DistillMethod):
                 idx = keep[top]
                 anchor_idx, label = idx // num_classes, idx % num_classes
                 boxes = dense.box_coder.decode_single(dl[anchor_idx].float(), an[anchor_idx])
-                h, w = inputs.images.image_sizes[i]
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-                boxes_all.append(boxes), scores_all.append(scores[idx]), labels_all.append(label)
+                boxes_all.append(clip_boxes_to_image(boxes, inputs.images.image_sizes[i]))
+                scores_all.append(scores[idx])
+                labels_all.append(label)
             boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
             valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             boxes, scores, labels = boxes[valid], scores[valid], labels[valid]

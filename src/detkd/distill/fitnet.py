@@ -6,10 +6,9 @@ Baseline for the detection-specific methods: no mask, no RoIs, every level and p
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import nn
 
-from detkd.distill.base import DistillInputs, DistillMethod, conv_adapter, register
+from detkd.distill.base import DistillInputs, DistillMethod, conv_adapter, fpn_mse, register
 
 
 @register
@@ -23,7 +22,4 @@ class FitNet(DistillMethod):
         self.adapters = nn.ModuleList(conv_adapter(student_channels, teacher_channels) for _ in range(num_levels))
 
     def forward(self, inputs: DistillInputs):
-        student = list(inputs.student.features.values())
-        teacher = list(inputs.teacher_features.values())
-        loss = sum(F.mse_loss(adapter(s), t) for adapter, s, t in zip(self.adapters, student, teacher))
-        return {"distill/fpn": self.weight * loss}
+        return {"distill/fpn": self.weight * fpn_mse(inputs.student.features, inputs.teacher_features, self.adapters)}

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign, clip_boxes_to_image, nms, remove_small_boxes
 
-from detkd.distill.base import DistillInputs, DistillMethod, register, zero_if_empty
+from detkd.distill.base import POOL_LEVELS, DistillInputs, DistillMethod, optional_adapter, register, zero_if_empty
 from detkd.models.view import DenseOutputs
-
-POOL_LEVELS = {"fasterrcnn": ["0", "1", "2", "3"], "retinanet": ["0", "1", "2", "p6", "p7"]}
 
 
 @torch.no_grad()
@@ -86,7 +84,7 @@ class GID(DistillMethod):
         self.w_response_cls, self.w_response_reg = w_response_cls, w_response_reg
         self.roi_size = roi_size
         self.pool = MultiScaleRoIAlign(POOL_LEVELS[family], roi_size, 2)
-        self.adapter = nn.Identity() if student_channels == teacher_channels else nn.Conv2d(student_channels, teacher_channels, 1)
+        self.adapter = optional_adapter(student_channels, teacher_channels)
 
     def forward(self, inputs: DistillInputs):
         st, te = inputs.student.dense, inputs.teacher_dense

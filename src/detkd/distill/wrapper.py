@@ -67,7 +67,7 @@ class DistillationModel(nn.Module):
         batch, resized = transform_batch(self.student, images, targets)
         student_out = train_forward(self.student, batch, resized)
         teacher = self.teacher
-        family = "fasterrcnn" if hasattr(teacher, "roi_heads") else "retinanet"
+        family = self.method.family
         with torch.no_grad():
             teacher_features = teacher.backbone(batch.tensors)
             dense = dense_outputs(teacher, batch, teacher_features) if self.method.needs_teacher_dense else None
