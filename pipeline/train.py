@@ -1,7 +1,8 @@
 """Stages ``train_teacher``, ``train_student`` and (with ``--teacher``) ``distill``: train one detector.
 
 Reads params: seed, model, <role>, train_<role> (+ distill with --teacher). Writes: the model checkpoint,
-the loss history (CSV for ``dvc plots``, every loss term) and its PNG. Under ``torchrun`` trains with
+the loss history (CSV for ``dvc plots``, every loss term) and its PNG, and (``--metrics``) the training
+cost as JSON (iterations, seconds, s/it, peak memory: CUDA allocator peak, or the process's peak RSS on CPU). Under ``torchrun`` trains with
 DistributedDataParallel; only rank 0 writes.
 """
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from detkd.cli import run_main
 from detkd.config import load_params
 from detkd.engine.distributed import cleanup, init_distributed
+from detkd.io import atomic_write_json
 from detkd.plots import plot_history, write_history_csv
 from detkd.tracking.mlflow_run import stage_run
 from detkd.training import train_detector
@@ -23,6 +25,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/prepared")
     parser.add_argument("--out", required=True)
     parser.add_argument("--history", required=True, help="CSV of the loss curve")
+    parser.add_argument("--metrics", default=None, help="JSON of training cost (DVC metrics: s/it, peak memory)")
     parser.add_argument("--state-dir", default=None, help="where resumable training states go")
     parser.add_argument("--teacher", default=None, help="distil the student from this teacher checkpoint")
     args = parser.parse_args()
@@ -48,8 +51,12 @@ def main() -> None:
                 write_history_csv(args.history, result.history)
                 plot_path = str(Path(args.history).with_suffix(".png"))
                 plot_history(plot_path, result.history, stage)
-                run.log_metrics({"train_seconds": result.seconds, "seconds_per_iter": result.seconds_per_iter,
-                                 "peak_memory_mb": result.peak_memory_mb})
+                cost = {"iterations": result.iterations, "train_seconds": round(result.seconds, 2),
+                        "seconds_per_iter": round(result.seconds_per_iter, 4),
+                        "peak_memory_mb": round(result.peak_memory_mb, 1)}
+                run.log_metrics(cost)
+                if args.metrics:
+                    atomic_write_json(args.metrics, cost)
                 for path in (args.out, args.history, plot_path):
                     run.log_artifact(path)
                 print(f"{stage}: {result.iterations} iterations, {result.seconds:.0f} s "

@@ -133,6 +133,9 @@ class TrainConfig(_Section):
     workers: int = Field(0, ge=0)
     checkpoint_every: int = Field(200, ge=1)  # iterations between resumable checkpoints
     log_every: int = Field(10, ge=1)
+    # Overrides the top-level ``seed`` for this stage's initialisation, data order and flips (not for the
+    # data, which the top-level seed generates): several student seeds on one dataset and one teacher.
+    seed: Optional[int] = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _milestones(self) -> "TrainConfig":

@@ -35,22 +35,24 @@ def train_detector(
     teacher_path: Optional[str | Path] = None,
 ) -> TrainResult:
     """With ``teacher_path`` the student is distilled from that teacher with ``params.distill``: same
-    initialisation (seed), data order and schedule as the baseline student, plus the method's terms."""
+    initialisation (seed), data order and schedule as the baseline student, plus the method's terms.
+    The stage's seed is ``train_<role>.seed`` when set, else the top-level ``seed``."""
     network = getattr(params, role)
     schedule = getattr(params, f"train_{role}")
     index = open_split(data_dir, "train", params.data.min_box_size)
     spec = make_spec(params.model.family, network.backbone, index.num_classes, params.model)
-    seed_everything(params.seed)
+    seed = schedule.seed if schedule.seed is not None else params.seed
+    seed_everything(seed)
     model = build_detector(spec, network.weights, network.backbone_weights)
     device = pick_device(dist_info)
-    key = fingerprint(spec.to_dict(), schedule.model_dump(), network.model_dump(), params.seed, load_manifest(data_dir))
+    key = fingerprint(spec.to_dict(), schedule.model_dump(), network.model_dump(), seed, load_manifest(data_dir))
     module, distill_meta = model, None
     if teacher_path is not None:
-        module, distill_meta = _distillation_module(params, model, spec, index, teacher_path)
+        module, distill_meta = build_distillation_model(params, model, spec, index, teacher_path)
         key = fingerprint(key, distill_meta)
     state_path = Path(state_dir) / "state.pt" if state_dir else None
     result = train(
-        module, DetectionDataset(index), schedule, seed=params.seed, device=device, dist_info=dist_info,
+        module, DetectionDataset(index), schedule, seed=seed, device=device, dist_info=dist_info,
         state_path=state_path, fingerprint=key, on_log=on_log,
         description=f"distill {role} ({params.distill.method})" if distill_meta else f"train {role}",
     )
@@ -78,7 +80,7 @@ def train_detector(
     return result
 
 
-def _distillation_module(params: Params, student: torch.nn.Module, spec, index, teacher_path):
+def build_distillation_model(params: Params, student: torch.nn.Module, spec, index, teacher_path):
     """Wrap ``student`` with the frozen teacher and the configured method; every check runs here, before
     any training step (unknown method, family it cannot serve, bad hyper-parameter, incompatible teacher)."""
     from detkd.distill import build_method

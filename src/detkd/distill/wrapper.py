@@ -11,6 +11,7 @@ distilled student's checkpoint. Both networks see the one batch the student's tr
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from detkd.distill.base import DistillInputs, DistillMethod
 from detkd.errors import ConfigError
-from detkd.models.view import classification_features, dense_outputs, roi_head_outputs, train_forward, transform_batch
+from detkd.models.view import DenseOutputs, classification_features, dense_outputs, roi_head_outputs, train_forward, transform_batch
 
 
 def check_compatible(student: nn.Module, teacher: nn.Module, student_meta: dict, teacher_meta: dict) -> None:
@@ -61,6 +62,15 @@ class DistillationModel(nn.Module):
         self._teacher[0] = self._teacher[0]._apply(fn)
         return super()._apply(fn, recurse)
 
+    @torch.no_grad()
+    def teacher_forward(self, batch) -> tuple["OrderedDict[str, Tensor]", Optional[DenseOutputs]]:
+        """The teacher's own forward on the shared batch: FPN features, plus its dense head outputs for
+        methods that read them. Everything else a method asks of the teacher (RoI pooling, proposals,
+        classification towers) is part of the distillation cost (``detkd.step_time`` times this split)."""
+        features = self.teacher.backbone(batch.tensors)
+        dense = dense_outputs(self.teacher, batch, features) if self.method.needs_teacher_dense else None
+        return features, dense
+
     def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None) -> dict[str, Tensor]:
         if not self.training:
             return self.student(images)
@@ -68,9 +78,7 @@ class DistillationModel(nn.Module):
         student_out = train_forward(self.student, batch, resized)
         teacher = self.teacher
         family = self.method.family
-        with torch.no_grad():
-            teacher_features = teacher.backbone(batch.tensors)
-            dense = dense_outputs(teacher, batch, teacher_features) if self.method.needs_teacher_dense else None
+        teacher_features, dense = self.teacher_forward(batch)
 
         def teacher_rois(boxes: list[Tensor]):
             with torch.no_grad():

@@ -50,7 +50,7 @@ def _prefixed(losses: dict) -> dict:
     return {(k if "/" in k else f"task/{k}"): v for k, v in losses.items()}
 
 
-def _to_device(images, targets, device):
+def to_device(images, targets, device):
     images = [img.to(device, non_blocking=True) for img in images]
     targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
     return images, targets
@@ -60,6 +60,26 @@ def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def forward_losses(model: nn.Module, images, targets, use_amp: bool) -> tuple[dict, torch.Tensor]:
+    """The forward half of a training step: named loss terms (``task/*``, ``distill/*``) and their sum."""
+    device_type = images[0].device.type
+    with torch.autocast(device_type, enabled=use_amp and device_type == "cuda"):
+        losses = _prefixed(model(images, targets))
+    return losses, sum(losses.values())
+
+
+def apply_gradients(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    trainable: list, grad_clip: Optional[float]) -> None:
+    """The backward half: zero grads, (scaled) backward, optional clipping, optimiser step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def train(
@@ -134,10 +154,8 @@ def train(
         skip = (iteration - epoch * iters_per_epoch) * cfg.batch_size
         sampler.set_epoch(epoch, skip=skip)
         for images, targets in make_loader(dataset, cfg.batch_size, cfg.workers, sampler):
-            images, targets = _to_device(images, targets, device)
-            with torch.autocast(device.type, enabled=use_amp):
-                losses = _prefixed(model(images, targets))
-            loss = sum(losses.values())
+            images, targets = to_device(images, targets, device)
+            losses, loss = forward_losses(model, images, targets, use_amp)
             if not torch.isfinite(loss):
                 terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
                 kept = f"the last good checkpoint is {state_path}" if state_path and state_path.is_file() else "no checkpoint was written yet"
@@ -145,13 +163,7 @@ def train(
                     f"{description}: loss became {loss.item()} at iteration {iteration} ({terms}); {kept}. "
                     "Lower the learning rate or enable grad_clip in params.yaml."
                 )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            apply_gradients(loss, optimizer, scaler, trainable, cfg.grad_clip)
             scheduler.step()
             iteration += 1
 

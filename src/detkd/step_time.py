@@ -1,0 +1,100 @@
+"""Step-time breakdown of a distillation method: baseline step, teacher forward, distillation step.
+
+Contract: ``measure_step_times(params, data_dir, teacher_path, method)`` trains, on the same batches
+and from the same initial student, (a) the baseline student and (b) the distilled student for
+``warmup + iters`` optimisation steps each (the training loop's own ``forward_losses`` +
+``apply_gradients``), and separately times the frozen teacher's own forward (``teacher_forward``: FPN
+features, plus the dense head for methods that read it). The three are interleaved per batch so drifts
+in machine speed hit them alike; medians over ``iters`` steps after ``warmup`` are reported. The time a
+method adds beyond the teacher's forward is ``distill_step - baseline_step - teacher_forward``: its
+losses, adapters, RoI pooling, proposal sampling and selection, and their backward passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from detkd.cli import seed_everything
+from detkd.config import Params
+from detkd.data.dataset import DetectionDataset, EpochSampler, make_loader, open_split
+from detkd.engine.optim import build_optimizer
+from detkd.engine.trainer import to_device, apply_gradients, forward_losses
+from detkd.models.builder import build_detector, make_spec
+from detkd.models.view import transform_batch
+from detkd.training import build_distillation_model
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+class _Trainee:
+    """A module with its optimiser, stepped exactly as the training loop steps it."""
+
+    def __init__(self, module: torch.nn.Module, params_cfg, device: torch.device):
+        self.module = module.to(device).train()
+        self.trainable = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.trainable, params_cfg)
+        self.use_amp = params_cfg.amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.grad_clip = params_cfg.grad_clip
+
+    def step(self, images, targets) -> None:
+        _, loss = forward_losses(self.module, images, targets, self.use_amp)
+        apply_gradients(loss, self.optimizer, self.scaler, self.trainable, self.grad_clip)
+
+
+def measure_step_times(params: Params, data_dir: str | Path, teacher_path: str | Path, method: str,
+                       iters: int = 20, warmup: int = 3, device: torch.device = torch.device("cpu")) -> dict:
+    """Median seconds of the three parts for ``method`` (params' hyper-parameters), see module docstring."""
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"iters must be >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    params = params.model_copy(update={"distill": params.distill.model_copy(update={"method": method})})
+    schedule = params.train_student
+    seed = schedule.seed if schedule.seed is not None else params.seed
+    index = open_split(data_dir, "train", params.data.min_box_size)
+    spec = make_spec(params.model.family, params.student.backbone, index.num_classes, params.model)
+    seed_everything(seed)
+    student = build_detector(spec, params.student.weights, params.student.backbone_weights)
+    baseline = _Trainee(copy.deepcopy(student), schedule, device)
+    distill_module, _ = build_distillation_model(params, student, spec, index, teacher_path)
+    distilled = _Trainee(distill_module, schedule, device)
+
+    sampler = EpochSampler(len(index.images), seed, shuffle=True, hflip_p=schedule.hflip)
+    loader = make_loader(DetectionDataset(index), schedule.batch_size, 0, sampler)
+    batches = []
+    for images, targets in loader:
+        batches.append(to_device(images, targets, device))
+        if len(batches) == min(iters + warmup, 8):
+            break
+
+    times = {"baseline_step": [], "teacher_forward": [], "distill_step": []}
+    for r in range(warmup + iters):
+        images, targets = batches[r % len(batches)]
+        shared, _ = transform_batch(distill_module.student, images, targets)
+        sample = {
+            "baseline_step": _timed(lambda: baseline.step(images, targets), device),
+            "teacher_forward": _timed(lambda: distill_module.teacher_forward(shared), device),
+            "distill_step": _timed(lambda: distilled.step(images, targets), device),
+        }
+        if r >= warmup:
+            for key, value in sample.items():
+                times[key].append(value)
+    result = {key: statistics.median(values) for key, values in times.items()}
+    result["overhead"] = result["distill_step"] - result["baseline_step"] - result["teacher_forward"]
+    result["overhead_share_of_baseline"] = result["overhead"] / result["baseline_step"]
+    result.update(method=method, family=params.model.family, iters=iters, warmup=warmup, device=str(device),
+                  threads=torch.get_num_threads())
+    return result

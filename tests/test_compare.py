@@ -1,0 +1,132 @@
+"""``make compare``: experiment plan, DVC result parsing, report arithmetic, step-time breakdown."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from detkd.compare import Experiment, RunRecord, parse_exp_show, plan, prerequisite, record_from_metrics
+from detkd.compare_report import build_report, check_targets, render_markdown, summarise, write_report
+from detkd.config import deep_merge, parse_params
+from detkd.errors import DetkdError
+from detkd.smoke import SMOKE_OVERRIDES
+
+from conftest import REPO
+
+
+def test_plan_names_params_and_prerequisites():
+    exps = plan("fasterrcnn", ["dsig", "gid"], seeds=2, other_seeds=1)
+    assert [e.name for e in exps] == ["cmp-frcnn-dsig-s0", "cmp-frcnn-gid-s0", "cmp-frcnn-dsig-s1", "cmp-frcnn-gid-s1",
+                                      "cmp-retina-dsig-s0", "cmp-retina-gid-s0"]
+    assert exps[1].set_params() == ["distill.method=gid", "train_student.seed=0"]
+    assert exps[4].set_params() == ["distill.method=dsig", "train_student.seed=0", "model.family=retinanet"]
+    pre = {e.name: (prerequisite(e, exps).name if prerequisite(e, exps) else None) for e in exps}
+    assert pre == {"cmp-frcnn-dsig-s0": None, "cmp-frcnn-gid-s0": "cmp-frcnn-dsig-s0",
+                   "cmp-frcnn-dsig-s1": "cmp-frcnn-dsig-s0", "cmp-frcnn-gid-s1": "cmp-frcnn-dsig-s1",
+                   "cmp-retina-dsig-s0": None, "cmp-retina-gid-s0": "cmp-retina-dsig-s0"}
+    assert [e.family for e in plan("retinanet", ["dsig"], 1, 0)] == ["retinanet"]
+
+
+def _metrics(teacher, student, distilled):
+    return {"reports/eval.json": {"data": {"teacher": {"AP": teacher}, "student": {"AP": student},
+                                           "distilled": {"AP": distilled}}},
+            "reports/train/student.json": {"data": {"seconds_per_iter": 0.3, "peak_memory_mb": 900.0}},
+            "reports/train/distill.json": {"data": {"seconds_per_iter": 0.45, "peak_memory_mb": 1400.0}}}
+
+
+def test_parse_exp_show_keeps_finished_experiments_only():
+    rows = [
+        {"rev": "workspace", "name": None, "data": {}, "experiments": None},
+        {"rev": "abc", "name": "main", "data": {}, "experiments": [
+            {"name": "cmp-frcnn-dsig-s0", "executor": None,
+             "revs": [{"rev": "r1", "name": "cmp-frcnn-dsig-s0", "error": None, "data": {"metrics": _metrics(0.5, 0.3, 0.4)}}]},
+            {"name": "cmp-frcnn-gid-s0", "executor": {"state": "running"},
+             "revs": [{"rev": "r2", "name": "cmp-frcnn-gid-s0", "data": {"metrics": {}}}]},
+            {"name": "broken", "executor": None, "revs": [{"rev": "r3", "name": "broken", "error": {"msg": "x"}}]},
+        ]},
+    ]
+    out = parse_exp_show(rows)
+    assert list(out) == ["cmp-frcnn-dsig-s0"]
+    rec = record_from_metrics(Experiment("fasterrcnn", "dsig", 0, "fasterrcnn"), out["cmp-frcnn-dsig-s0"])
+    assert (rec.teacher_ap, rec.baseline_ap, rec.distilled_ap, rec.distill_s_per_iter) == (0.5, 0.3, 0.4, 0.45)
+    with pytest.raises(DetkdError, match="cmp-frcnn-gid-s0.*lack"):
+        record_from_metrics(Experiment("fasterrcnn", "gid", 0, "fasterrcnn"), {"metrics": {}})
+
+
+def _rec(method, seed, base, dist, teacher=0.5, base_sit=0.3, dist_sit=0.45):
+    return RunRecord("fasterrcnn", method, seed, teacher, base, dist, base_sit, dist_sit, 900.0, 1000.0 + seed)
+
+
+def test_summary_pairs_gains_by_seed_and_computes_gap_share():
+    records = [_rec("a", 0, 0.30, 0.40), _rec("a", 1, 0.34, 0.42), _rec("b", 0, 0.30, 0.29), _rec("b", 1, 0.34, 0.33)]
+    s = summarise(records)
+    assert s["baseline"]["ap_mean"] == pytest.approx(0.32)
+    assert s["baseline"]["ap_std"] == pytest.approx(math.sqrt(2 * 0.02**2))  # sample std of 0.30, 0.34
+    a = s["methods"]["a"]
+    assert a["ap_mean"] == pytest.approx(0.41) and a["gain_mean"] == pytest.approx(0.09)
+    assert a["gain_std"] == pytest.approx(math.sqrt(2 * 0.01**2))
+    assert a["gap_share"] == pytest.approx(0.09 / (0.5 - 0.32))
+    assert a["time_per_iter_vs_baseline"] == pytest.approx(1.5)
+    assert a["peak_memory_mb"] == 1001.0
+    assert s["methods"]["b"]["gain_mean"] == pytest.approx(-0.01)
+    s["methods"]["a"]["step"] = {"overhead_share_of_baseline": 0.05}
+    s["methods"]["b"]["step"] = {"overhead_share_of_baseline": 0.20}
+    t = check_targets(s)
+    assert not t["every_method_raises_baseline"] and t["raises"] == {"a": True, "b": False}
+    assert t["best_method"] == "a" and t["best_recovers_half_gap"]
+    assert t["overhead_within_target"] == {"a": True, "b": False}
+
+
+def test_report_files_and_markdown(tmp_path):
+    records = [_rec("dsig", 0, 0.30, 0.40), _rec("gid", 0, 0.30, 0.35)]
+    step = {"family": "fasterrcnn", "method": "dsig", "baseline_step": 0.3, "teacher_forward": 0.05,
+            "distill_step": 0.38, "overhead": 0.03, "overhead_share_of_baseline": 0.1, "iters": 5, "device": "cpu",
+            "threads": 2}
+    report = build_report(records, [step], "fasterrcnn")
+    assert report["families"]["fasterrcnn"]["methods"]["dsig"]["step"]["distill_step"] == 0.38
+    md = render_markdown(report)
+    assert "| dsig | 1 | 0.400 ± 0.000 | +0.100 | 50% | 1.50x |" in md
+    assert "R18 33.06 -> 37.25" in md  # the published number sits beside ours
+    write_report(report, str(tmp_path / "kd"))
+    assert json.loads((tmp_path / "kd.json").read_text())["targets"]["best_method"] == "dsig"
+    assert (tmp_path / "kd.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_method_is_a_one_line_error():
+    proc = subprocess.run([sys.executable, "-m", "detkd.compare", "--methods", "dsig", "magic", "--no-run"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: --methods: unknown ['magic']") and "dsig" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    from detkd.data.prepare import prepare_dataset
+    from detkd.engine.checkpoint import save_model_checkpoint
+    from detkd.models.builder import build_detector, make_spec
+
+    root = tmp_path_factory.mktemp("steptime")
+    raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), SMOKE_OVERRIDES)
+    params = parse_params(raw)
+    prepare_dataset(root / "prepared", params.data, params.seed)
+    spec = make_spec(params.model.family, params.teacher.backbone, params.data.synthetic.num_classes, params.model)
+    manifest = json.loads((root / "prepared/dataset.json").read_text())
+    save_model_checkpoint(root / "t.pt", build_detector(spec), {"spec": spec.to_dict(), "category_ids": [1, 3, 5, 7],
+                                                               "category_names": manifest["classes"]})
+    return params, root
+
+
+@pytest.mark.parametrize("method", ["none", "dsig"])
+def test_step_time_breakdown(tiny_setup, method):
+    from detkd.step_time import measure_step_times
+
+    params, root = tiny_setup
+    out = measure_step_times(params, root / "prepared", root / "t.pt", method, iters=2, warmup=1)
+    for key in ("baseline_step", "teacher_forward", "distill_step"):
+        assert out[key] > 0
+    assert out["overhead"] == pytest.approx(out["distill_step"] - out["baseline_step"] - out["teacher_forward"])
+    assert out["overhead_share_of_baseline"] == pytest.approx(out["overhead"] / out["baseline_step"])
+    assert (out["method"], out["iters"], out["family"]) == (method, 2, params.model.family)
