@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.detkd-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test smoke lock clean-mlflow
+.PHONY: setup repro test smoke compare lock clean-mlflow
 
 # Create the environment if missing; (re)install when the pins change. Exact versions: constraints.txt.
 $(STAMP): pyproject.toml constraints.txt
@@ -25,6 +25,13 @@ test: setup
 
 smoke: setup
 	python -m detkd.smoke
+
+# Baseline vs every distillation method: 3 student seeds on the default family, 1 on the other, as DVC
+# experiments (cmp-*), then reports/kd_compare.{json,md,png}. Resumes finished experiments. Options:
+# make compare COMPARE_ARGS="--seeds 5 --jobs 2"   (python -m detkd.compare --help)
+compare: setup
+	dvc repro prepare
+	python -m detkd.compare $(COMPARE_ARGS)
 
 # Refresh constraints.txt from the current environment (after changing a dependency on purpose).
 lock: setup
