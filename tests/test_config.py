@@ -54,3 +54,10 @@ def test_error_is_one_line():
     with pytest.raises(ConfigError) as info:
         parse_params({"model": {"family": "yolo"}})
     assert "\n" not in str(info.value) and "fasterrcnn" in str(info.value)
+
+
+def test_stage_seed_is_optional_and_non_negative():
+    assert parse_params({}).train_student.seed is None
+    assert parse_params({"train_student": {"seed": 3}}).train_student.seed == 3
+    with pytest.raises(ConfigError, match=r"train_student.seed: .*greater than or equal to 0"):
+        parse_params({"train_student": {"seed": -1}})
