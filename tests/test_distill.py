@@ -241,3 +241,32 @@ def test_hyper_parameter_types_are_checked():
     with pytest.raises(ConfigError, match=r"distill.gid.k: expected int, got 2.5"):
         build_method("gid", "retinanet", 32, 32, {"k": 2.5})
     build_method("dsig", "fasterrcnn", 32, 32, {"w_fg": 1})  # an int where a float is expected is fine
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mar_reuses_the_students_own_classification_branch(family):
+    """The maps MAR reads are the ones the student's forward computed (recorded, not recomputed), equal to
+    a fresh pass of the branch; the recorder is idle outside training forwards."""
+    from detkd.models.view import classification_features
+
+    model = _pair(family, "mar")
+    recorder = model._cls_recorder
+    captured = {}
+    original = model.method.relation_loss
+
+    def spy(inputs):
+        captured["maps"] = inputs.student_cls_features()
+        captured["features"] = inputs.student.features
+        return original(inputs)
+
+    model.method.relation_loss = spy
+    model(*_batch(1))
+    maps = captured["maps"]
+    assert len(maps) == len(captured["features"]) and all(m.requires_grad for m in maps)
+    fresh = classification_features(model.student, captured["features"])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(maps, fresh))
+    model.eval()
+    with torch.no_grad():
+        model([torch.rand(3, 64, 64)])
+    assert not recorder.active and len(recorder.outputs) == len(maps)  # evaluation recorded nothing
+    assert _pair(family, "dsig")._cls_recorder is None  # only methods that read the maps record them

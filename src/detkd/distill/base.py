@@ -48,11 +48,15 @@ class DistillInputs:
 
 class DistillMethod(nn.Module, abc.ABC):
     """Base class. Subclasses set ``name`` and ``families`` and implement ``forward``; those that read
-    ``teacher_dense`` set ``needs_teacher_dense`` so the teacher's dense head only runs for them."""
+    ``teacher_dense`` set ``needs_teacher_dense`` so the teacher's dense head only runs for them, and
+    those that read ``student_cls_features`` set ``reads_student_cls_features``."""
 
     name: ClassVar[str] = ""
     families: ClassVar[tuple[str, ...]] = ("fasterrcnn", "retinanet")
     needs_teacher_dense: ClassVar[bool] = False
+    # set by methods that read ``student_cls_features``: the wrapper then records them during the
+    # student's own forward instead of recomputing the classification branch
+    reads_student_cls_features: ClassVar[bool] = False
 
     def __init__(self, family: str, student_channels: int, teacher_channels: int):
         super().__init__()

@@ -47,6 +47,7 @@ def pixel_affinity(x: Tensor, size: int) -> Tensor:
 @register
 class MAR(DistillMethod):
     name = "mar"
+    reads_student_cls_features = True
 
     def __init__(self, family: str, student_channels: int, teacher_channels: int, w_mask: float = 1.0,
                  w_relation: float = 1.0, obj_value: float = 1.0, ring_value: float = 0.5, bg_value: float = 0.1,

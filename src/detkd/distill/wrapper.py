@@ -47,12 +47,31 @@ def freeze(teacher: nn.Module) -> nn.Module:
     return teacher
 
 
+class _OutputRecorder:
+    """Forward hook that keeps a module's outputs while ``active`` (one entry per call, in call order)."""
+
+    def __init__(self, module: nn.Module):
+        self.active, self.outputs = False, []
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        if self.active:
+            self.outputs.append(output)
+
+
+def classification_branch(model: nn.Module) -> nn.Module:
+    """The module ``classification_features`` applies per level (RPN conv / RetinaNet cls tower)."""
+    return model.rpn.head.conv if hasattr(model, "roi_heads") else model.head.classification_head.conv
+
+
 class DistillationModel(nn.Module):
     def __init__(self, student: nn.Module, teacher: nn.Module, method: DistillMethod):
         super().__init__()
         self.student = student
         self.method = method
         self._teacher = [freeze(teacher)]  # a list hides it from the module tree (see module docstring)
+        # the student's classification-branch maps, recorded during its own forward (no second pass)
+        self._cls_recorder = _OutputRecorder(classification_branch(student)) if method.reads_student_cls_features else None
 
     @property
     def teacher(self) -> nn.Module:
@@ -75,7 +94,17 @@ class DistillationModel(nn.Module):
         if not self.training:
             return self.student(images)
         batch, resized = transform_batch(self.student, images, targets)
-        student_out = train_forward(self.student, batch, resized)
+        recorder = self._cls_recorder
+        if recorder is not None:
+            recorder.outputs, recorder.active = [], True
+        try:
+            student_out = train_forward(self.student, batch, resized)
+        finally:
+            if recorder is not None:
+                recorder.active = False
+        levels = len(student_out.features)
+        if recorder is not None and len(recorder.outputs) != levels:
+            raise RuntimeError(f"recorded {len(recorder.outputs)} classification-branch maps for {levels} levels")
         teacher = self.teacher
         family = self.method.family
         teacher_features, dense = self.teacher_forward(batch)
@@ -102,7 +131,8 @@ class DistillationModel(nn.Module):
             teacher_rois=teacher_rois if family == "fasterrcnn" else None, teacher_dense=dense,
             teacher_proposals=teacher_proposals if family == "fasterrcnn" else None,
             student_rois=student_rois if family == "fasterrcnn" else None,
-            student_cls_features=lambda: classification_features(self.student, student_out.features),
+            student_cls_features=(lambda: list(recorder.outputs)) if recorder is not None
+            else (lambda: classification_features(self.student, student_out.features)),
             teacher_cls_features=teacher_cls_features,
             teacher_sampler=teacher.roi_heads.select_training_samples if family == "fasterrcnn" else None,
         )
