@@ -270,3 +270,23 @@ def test_mar_reuses_the_students_own_classification_branch(family):
         model([torch.rand(3, 64, 64)])
     assert not recorder.active and len(recorder.outputs) == len(maps)  # evaluation recorded nothing
     assert _pair(family, "dsig")._cls_recorder is None  # only methods that read the maps record them
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("iou", [0.3, 0.7])
+def test_first_k_nms_equals_torchvision_nms_prefix(seed, iou):
+    from torchvision.ops import nms
+
+    from detkd.distill.gid import first_k_nms
+
+    g = torch.Generator().manual_seed(seed)
+    n = [0, 1, 5, 300, 3000, 3000][seed]
+    xy = torch.rand(n, 2, generator=g) * 100
+    wh = torch.rand(n, 2, generator=g) * 30 + 1
+    boxes = torch.cat([xy, xy + wh], 1)
+    scores = torch.rand(n, generator=g)
+    if seed == 5:
+        scores = (scores * 10).round() / 10  # many ties
+    for k in (1, 10, 50, n + 5):
+        for block in (4, 32):
+            assert torch.equal(first_k_nms(boxes, scores, iou, k, block=block), nms(boxes, scores, iou)[:k]), (n, k, block)
