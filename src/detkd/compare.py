@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -177,7 +177,6 @@ class RunRecord:
     baseline_peak_mb: float
     distill_peak_mb: float
     rev: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def record_from_metrics(exp: Experiment, result: dict) -> RunRecord:

@@ -55,13 +55,14 @@ def summarise(records: list) -> dict:
     for method, rs in by_method.items():
         ap_mean, ap_std = _mean_std([r.distilled_ap for r in rs])
         gain_mean, gain_std = _mean_std([r.distilled_ap - r.baseline_ap for r in rs])
+        s_per_iter = statistics.fmean(r.distill_s_per_iter for r in rs)
         methods[method] = {
             "seeds": sorted(r.seed for r in rs),
             "ap_mean": ap_mean, "ap_std": ap_std,
             "gain_mean": gain_mean, "gain_std": gain_std,
             "gap_share": gain_mean / gap if gap > 0 else None,
-            "seconds_per_iter": statistics.fmean(r.distill_s_per_iter for r in rs),
-            "time_per_iter_vs_baseline": statistics.fmean(r.distill_s_per_iter for r in rs) / base_sit,
+            "seconds_per_iter": s_per_iter,
+            "time_per_iter_vs_baseline": s_per_iter / base_sit,
             "peak_memory_mb": max(r.distill_peak_mb for r in rs),
         }
     return {

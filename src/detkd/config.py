@@ -179,6 +179,11 @@ class Params(_Section):
     distill: DistillConfig = DistillConfig()
     eval: EvalConfig = EvalConfig()
 
+    def stage_seed(self, role: str) -> int:
+        """Seed of the ``train_<role>`` stage: its own ``seed`` when set, else the top-level one."""
+        schedule = getattr(self, f"train_{role}")
+        return schedule.seed if schedule.seed is not None else self.seed
+
 
 def deep_merge(base: dict, override: dict) -> dict:
     """Return ``base`` with ``override`` merged in recursively (override wins on leaves)."""

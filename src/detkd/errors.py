@@ -23,3 +23,7 @@ class CheckpointError(DetkdError):
 
 class TrainingDivergedError(DetkdError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class ExportError(DetkdError):
+    """An exported graph cannot be used as promised (TensorRT incompatibility, failed accuracy gate)."""

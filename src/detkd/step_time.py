@@ -63,7 +63,7 @@ def measure_step_times(params: Params, data_dir: str | Path, teacher_path: str |
         raise ValueError(f"iters must be >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     params = params.model_copy(update={"distill": params.distill.model_copy(update={"method": method})})
     schedule = params.train_student
-    seed = schedule.seed if schedule.seed is not None else params.seed
+    seed = params.stage_seed("student")
     index = open_split(data_dir, "train", params.data.min_box_size)
     spec = make_spec(params.model.family, params.student.backbone, index.num_classes, params.model)
     seed_everything(seed)

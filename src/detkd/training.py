@@ -41,7 +41,7 @@ def train_detector(
     schedule = getattr(params, f"train_{role}")
     index = open_split(data_dir, "train", params.data.min_box_size)
     spec = make_spec(params.model.family, network.backbone, index.num_classes, params.model)
-    seed = schedule.seed if schedule.seed is not None else params.seed
+    seed = params.stage_seed(role)
     seed_everything(seed)
     model = build_detector(spec, network.weights, network.backbone_weights)
     device = pick_device(dist_info)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from detkd.distill.base import DistillInputs, DistillMethod
 from detkd.errors import ConfigError
-from detkd.models.view import DenseOutputs, classification_features, dense_outputs, roi_head_outputs, train_forward, transform_batch
+from detkd.models.view import DenseOutputs, classification_branch, classification_features, dense_outputs, roi_head_outputs, train_forward, transform_batch
 
 
 def check_compatible(student: nn.Module, teacher: nn.Module, student_meta: dict, teacher_meta: dict) -> None:
@@ -57,11 +57,6 @@ class _OutputRecorder:
     def _hook(self, module, args, output) -> None:
         if self.active:
             self.outputs.append(output)
-
-
-def classification_branch(model: nn.Module) -> nn.Module:
-    """The module ``classification_features`` applies per level (RPN conv / RetinaNet cls tower)."""
-    return model.rpn.head.conv if hasattr(model, "roi_heads") else model.head.classification_head.conv
 
 
 class DistillationModel(nn.Module):

@@ -63,9 +63,9 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def forward_losses(model: nn.Module, images, targets, use_amp: bool) -> tuple[dict, torch.Tensor]:
-    """The forward half of a training step: named loss terms (``task/*``, ``distill/*``) and their sum."""
-    device_type = images[0].device.type
-    with torch.autocast(device_type, enabled=use_amp and device_type == "cuda"):
+    """The forward half of a training step: named loss terms (``task/*``, ``distill/*``) and their sum.
+    ``use_amp`` is the caller's decision (the trainer enables it on CUDA only)."""
+    with torch.autocast(images[0].device.type, enabled=use_amp):
         losses = _prefixed(model(images, targets))
     return losses, sum(losses.values())
 

@@ -37,7 +37,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Optional
 
-from detkd.errors import DetkdError
+from detkd.errors import ExportError
 
 MATRIX_FILE = "onnx-tensorrt-operators-trt10.0.md"
 TRT_VERSION = "10.0"
@@ -130,8 +130,6 @@ class _Graph:
             if node.op_type == "Constant" and node.output:
                 self.constants[node.output[0]] = node
         self.values = {v.name: v for v in (*graph.input, *graph.output, *graph.value_info)}
-        for init in graph.initializer:
-            self.constants.setdefault(init.name, init)
         self.io = {v.name for v in (*graph.input, *graph.output)}
 
     def is_constant(self, name: str) -> bool:
@@ -321,10 +319,6 @@ _RULES = {"TopK": _check_topk, "Loop": _check_loop, "If": _check_if, "MaxPool": 
           "AveragePool": _check_pool, "LpPool": _check_pool, "Resize": _check_resize,
           "ScatterND": _check_attributes, "Constant": _check_attributes, "Dropout": _check_attributes,
           "QuantizeLinear": _check_attributes, "DequantizeLinear": _check_attributes}
-
-
-class ExportError(DetkdError):
-    """An exported graph cannot be used as promised (TensorRT incompatibility, failed accuracy gate)."""
 
 
 def assert_tensorrt_compatible(model, source: str, limit: int = 5) -> None:

@@ -150,10 +150,13 @@ def roi_head_outputs(model: nn.Module, features, rois: list[Tensor], image_sizes
     return pooled, logits, deltas
 
 
+def classification_branch(model: nn.Module) -> nn.Module:
+    """The module the classification branch applies per level: RetinaNet's 4-conv cls tower, or Faster
+    R-CNN's RPN head shared 3x3 conv (+ReLU)."""
+    return model.rpn.head.conv if hasattr(model, "roi_heads") else model.head.classification_head.conv
+
+
 def classification_features(model: nn.Module, features) -> list[Tensor]:
-    """Per level, the features the classification branch sees: RetinaNet's 4-conv cls tower output, or
-    Faster R-CNN's RPN head shared 3x3 conv (+ReLU) output. [N, C, H_l, W_l] each."""
-    levels = list(features.values())
-    if hasattr(model, "roi_heads"):
-        return [model.rpn.head.conv(f) for f in levels]
-    return [model.head.classification_head.conv(f) for f in levels]
+    """Per level, the features the classification branch sees. [N, C, H_l, W_l] each."""
+    branch = classification_branch(model)
+    return [branch(f) for f in features.values()]
