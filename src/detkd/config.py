@@ -168,6 +168,49 @@ class EvalConfig(_Section):
     batch_size: int = Field(8, ge=1)
 
 
+class GateConfig(_Section):
+    """Accuracy gate of every exported artefact against the PyTorch model."""
+
+    max_ap_drop: float = Field(0.005, ge=0.0, le=1.0)  # |AP(artefact) - AP(PyTorch)| allowed
+    sample_images: int = Field(8, ge=1)  # val images whose raw outputs are compared
+    box_atol: float = Field(0.05, ge=0.0)  # px
+    score_atol: float = Field(1e-3, ge=0.0)
+    max_unmatched: float = Field(0.01, ge=0.0, le=1.0)
+
+
+class TensorRTConfig(_Section):
+    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32", "fp16", "int8"])
+    calibration_images: int = Field(128, ge=1)  # val images for INT8 entropy calibration
+    max_batch: int = Field(8, ge=1)  # optimisation profile: batch 1..max_batch
+    workspace_gb: float = Field(4.0, gt=0.0)
+
+
+class ExportConfig(_Section):
+    opset: int = Field(17, ge=17, le=20)  # 20 is the newest TensorRT 10.0's parser reads
+    simplify: bool = True  # onnxslim
+    gate: GateConfig = GateConfig()
+    tensorrt: TensorRTConfig = TensorRTConfig()
+    registered_model: str = "detkd-student"  # MLflow registry name of the deployable student
+    alias: str = "deployable"
+
+
+class BenchmarkConfig(_Section):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
+    warmup: int = Field(5, ge=0)  # iterations run before timing starts (not timed)
+    iterations: int = Field(30, ge=1)
+    threads: int = Field(0, ge=0)  # CPU threads for PyTorch and onnxruntime; 0 = every core
+    backends: list[Literal["torch-cpu", "torch-cuda", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt",
+                           "tensorrt"]] = Field(default_factory=lambda: ["torch-cpu", "torch-cuda", "onnxruntime-cpu",
+                                                                         "onnxruntime-cuda", "onnxruntime-tensorrt",
+                                                                         "tensorrt"])
+
+    @model_validator(mode="after")
+    def _batches(self) -> "BenchmarkConfig":
+        if any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch_sizes must all be >= 1, got {self.batch_sizes}")
+        return self
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
@@ -178,6 +221,8 @@ class Params(_Section):
     train_student: TrainConfig = TrainConfig()
     distill: DistillConfig = DistillConfig()
     eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
 
     def stage_seed(self, role: str) -> int:
         """Seed of the ``train_<role>`` stage: its own ``seed`` when set, else the top-level one."""

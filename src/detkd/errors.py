@@ -27,3 +27,15 @@ class TrainingDivergedError(DetkdError):
 
 class ExportError(DetkdError):
     """An exported graph cannot be used as promised (TensorRT incompatibility, failed accuracy gate)."""
+
+
+class ModelFileError(DetkdError):
+    """An exported model (ONNX file or TensorRT engine) is missing, corrupt or built for another runtime."""
+
+
+class InferenceInputError(DetkdError):
+    """Input given to a runner does not match the model's input contract, or an image cannot be read."""
+
+
+class BackendUnavailableError(DetkdError):
+    """An optional runtime (TensorRT, a CUDA device, an onnxruntime provider) is not present here."""

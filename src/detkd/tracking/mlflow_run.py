@@ -77,6 +77,9 @@ class _NullRun:
     def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
+    def log_onnx_model(self, path: str | Path, name: str, registered_model: Optional[str] = None,
+                       alias: Optional[str] = None) -> Optional[str]:
+        return None
 
 
 class _MlflowRun(_NullRun):
@@ -113,6 +116,23 @@ class _MlflowRun(_NullRun):
     def set_tags(self, tags: dict) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
+
+    def log_onnx_model(self, path: str | Path, name: str, registered_model: Optional[str] = None,
+                       alias: Optional[str] = None) -> Optional[str]:
+        """Log ``path`` with MLflow's ONNX flavour; with ``registered_model`` register it and point ``alias`` at
+        the new version. Returns the registered version (or None)."""
+        import mlflow
+        import mlflow.onnx
+        import onnx
+
+        mlflow.set_tracking_uri(self.client.tracking_uri)
+        with mlflow.start_run(run_id=self.run_id):
+            logged = mlflow.onnx.log_model(onnx.load(str(path)), name=name, registered_model_name=registered_model,
+                                           save_as_external_data=False)
+        version = getattr(logged, "registered_model_version", None)
+        if registered_model and alias and version is not None:
+            self.client.set_registered_model_alias(registered_model, alias, str(version))
+        return None if version is None else str(version)
 
 
 def tracking_enabled() -> bool:

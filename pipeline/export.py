@@ -1,0 +1,62 @@
+"""Stage ``export``: ONNX (and TensorRT engines where possible) of the teacher and the distilled student,
+gated on accuracy against the PyTorch models' AP from ``evaluate``.
+
+Reads params: export, eval.batch_size, benchmark.threads. Writes: models/export/<name>.onnx (+ engines),
+reports/export.json (DVC metrics), MLflow: the ONNX models (ONNX flavour) and the registered student.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from detkd.cli import run_main
+from detkd.config import load_params
+from detkd.errors import ExportError
+from detkd.export.stage import export_models, failures, registrable
+from detkd.io import atomic_write_json
+from detkd.tracking.mlflow_run import stage_run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=CHECKPOINT",
+                        help="NAME must be a model in --eval (its PyTorch AP is the gate's reference)")
+    parser.add_argument("--eval", default="reports/eval.json")
+    parser.add_argument("--out-dir", default="models/export")
+    parser.add_argument("--report", default="reports/export.json")
+    parser.add_argument("--register", default="distilled", help="model registered in MLflow when its gate passes")
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    checkpoints = dict(item.split("=", 1) for item in args.model)
+    evaluated = json.loads(Path(args.eval).read_text())
+    missing = [n for n in checkpoints if n not in evaluated]
+    if missing:
+        raise ExportError(f"{args.eval}: no PyTorch AP for {missing} (has {sorted(evaluated)}); run `dvc repro evaluate`")
+    with stage_run("export", {"export": params.export.model_dump(), "models": checkpoints}) as run:
+        report = export_models(params, checkpoints, args.data, {n: evaluated[n]["AP"] for n in checkpoints},
+                               args.out_dir, run.run_id or "")
+        atomic_write_json(args.report, report)
+        run.log_metrics({name: {"onnx_AP": e["onnx"]["metrics"]["AP"],
+                                **{f"{p}_AP": g["metrics"]["AP"] for p, g in e["engines"].items()}}
+                         for name, e in report["models"].items()})
+        run.log_artifact(args.report, "reports")
+        run.set_tags({"detkd.tensorrt": "available" if report["tensorrt"]["available"] else report["tensorrt"]["reason"]})
+        problems = failures(report)
+        if problems:
+            raise ExportError("accuracy gate failed: " + "; ".join(problems) + f" (details in {args.report})")
+        for name, entry in report["models"].items():
+            target = registrable(report, name) if name == args.register else None
+            version = run.log_onnx_model(entry["onnx"]["path"], f"{name}-onnx",
+                                         params.export.registered_model if target else None, params.export.alias)
+            for engine in entry["engines"].values():
+                run.log_artifact(engine["path"], "engines")
+            if version:
+                print(f"export: registered {params.export.registered_model} version {version} as "
+                      f"@{params.export.alias}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,80 @@
+"""Letterboxing and mapping detections back: the same arithmetic as torchvision's detection transform.
+
+Contract:
+- ``letterbox(image, info) -> (array [3, S, S] float32, (resized_h, resized_w))``: ``image`` is an
+  ``H x W x 3`` uint8 RGB array; it is scaled as ``GeneralizedRCNNTransform`` scales it (factor
+  ``min(min_size / shorter, max_size / longer)``, output size ``floor(side * factor)``, bilinear with
+  half-pixel centres and no antialiasing, i.e. ``F.interpolate(..., recompute_scale_factor=True)``), put
+  top-left and padded with the normalisation mean (0 after normalisation, like torchvision's padding).
+- ``to_image_coordinates(boxes, resized, original)`` maps xyxy boxes back with torchvision's per-axis
+  ratios and clips them to the original image.
+- ``read_image(path)`` -> RGB uint8 array, or ``InferenceInputError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from detkd.errors import InferenceInputError
+from detkd.runtime.metadata import ModelInfo
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise InferenceInputError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InferenceInputError(f"{path}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return int(math.floor(height * scale)), int(math.floor(width * scale))
+
+
+def _interpolation(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of a 1-D bilinear resize (half-pixel, as torch's align_corners=False)."""
+    position = (np.arange(dst, dtype=np.float32) + 0.5) * np.float32(src / dst) - 0.5
+    position = np.maximum(position, 0.0)
+    lo = np.minimum(np.floor(position).astype(np.int64), src - 1)
+    hi = np.minimum(lo + 1, src - 1)
+    return lo, hi, (position - lo).astype(np.float32)
+
+
+def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``[C, H, W]`` float32 -> ``[C, height, width]``."""
+    if image.shape[1:] == (height, width):
+        return image
+    y0, y1, wy = _interpolation(image.shape[1], height)
+    x0, x1, wx = _interpolation(image.shape[2], width)
+    rows = image[:, y0, :] * (1 - wy)[None, :, None] + image[:, y1, :] * wy[None, :, None]
+    return rows[:, :, x0] * (1 - wx)[None, None, :] + rows[:, :, x1] * wx[None, None, :]
+
+
+def letterbox(image: np.ndarray, info: ModelInfo) -> tuple[np.ndarray, tuple[int, int]]:
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise InferenceInputError(f"expected an H x W x 3 RGB image, got an array of shape {image.shape}")
+    h, w = image.shape[:2]
+    rh, rw = resized_shape(h, w, info.min_size, info.max_size)
+    if rh > info.input_size or rw > info.input_size:
+        raise InferenceInputError(f"resized image {rh}x{rw} exceeds the model input {info.input_size}")
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+    out = np.empty((3, info.input_size, info.input_size), dtype=np.float32)
+    out[:] = np.asarray(info.image_mean, dtype=np.float32)[:, None, None]
+    out[:, :rh, :rw] = resize_bilinear(chw, rh, rw)
+    return out, (rh, rw)
+
+
+def to_image_coordinates(boxes: np.ndarray, resized: tuple[int, int], original: tuple[int, int]) -> np.ndarray:
+    ratio_h, ratio_w = original[0] / resized[0], original[1] / resized[1]
+    out = boxes * np.array([ratio_w, ratio_h, ratio_w, ratio_h], dtype=boxes.dtype)
+    out[:, 0::2] = out[:, 0::2].clip(0, original[1])
+    out[:, 1::2] = out[:, 1::2].clip(0, original[0])
+    return out
