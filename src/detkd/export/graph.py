@@ -149,21 +149,27 @@ class DeployableDetector(nn.Module):
         return gather_rows(boxes, index), index >= 0
 
     def _pool(self, features: list[Tensor], proposals: Tensor) -> Tensor:
-        """MultiScaleRoIAlign with every RoI pooled from every level and the mapped level kept."""
+        """MultiScaleRoIAlign: each RoI pooled once, from the level torchvision's ``LevelMapper`` assigns.
+
+        The RoIs of a level are found with ``NonZero`` on a float mask (TensorRT's parser takes NonZero on
+        FP32/FP16 only) and pooled; one ``Gather`` puts the pooled RoIs back in their original order."""
         pooler = self.detector.roi_heads.box_roi_pool
         b, k = proposals.shape[:2]
-        rois = proposals.reshape(-1, 4)
-        batch_index = torch.arange(b, device=rois.device).unsqueeze(1).expand(b, k).reshape(-1, 1)
-        rois = torch.cat([batch_index.to(rois.dtype), rois], dim=1)
+        boxes = proposals.reshape(-1, 4)
+        batch_index = torch.arange(b, device=boxes.device).unsqueeze(1).expand(b, k).reshape(-1, 1)
+        rois = torch.cat([batch_index.to(boxes.dtype), boxes], dim=1)
         mapper = pooler.map_levels
-        side = torch.sqrt(box_ops.box_area(proposals.reshape(-1, 4)).clamp(min=1e-12))
+        side = torch.sqrt(box_ops.box_area(boxes).clamp(min=1e-12))
         level = torch.floor(mapper.lvl0 + torch.log2(side / mapper.s0) + mapper.eps)
         level = level.clamp(min=mapper.k_min, max=mapper.k_max) - mapper.k_min  # [R] float
-        pooled = 0
-        for i, name in enumerate(pooler.featmap_names):
-            out = roi_align(features[i], rois, pooler.output_size, pooler.scales[i], pooler.sampling_ratio)
-            pooled = pooled + out * (level == i).to(out.dtype).view(-1, 1, 1, 1)
-        return pooled
+        members, pooled = [], []
+        for i in range(len(pooler.featmap_names)):
+            index = torch.nonzero((level == i).to(torch.float32)).reshape(-1)
+            members.append(index)
+            pooled.append(roi_align(features[i], rois[index], pooler.output_size, pooler.scales[i], pooler.sampling_ratio))
+        order = torch.cat(members)  # RoIs grouped by level; position_of[r] says where RoI r went
+        position_of = torch.zeros_like(order).index_put((order,), torch.arange(order.shape[0], device=order.device))
+        return torch.cat(pooled)[position_of]
 
     def _faster_rcnn(self, features: dict) -> tuple[Tensor, Tensor, Tensor]:
         heads = self.detector.roi_heads

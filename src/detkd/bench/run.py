@@ -1,0 +1,129 @@
+"""Run the benchmark and judge its targets.
+
+Contract: ``run_benchmark(params, checkpoints, export_report, eval_report, data_dir)`` times every model
+on every backend available here (``detkd.bench.backends``) for each of ``benchmark.batch_sizes`` and
+returns ``{"environment", "results", "skipped", "targets"}`` where ``results[model][backend]["batch<B>"]``
+holds the latency statistics, throughput, the artefact's size in MB and the AP *of that artefact* (the
+PyTorch model's from ``evaluate``, the ONNX file's and each engine's from the export gate).
+``check_targets(results)`` compares the distilled student with the teacher on the fastest CPU backend
+and onnxruntime with PyTorch eager on the CPU, per batch size.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from detkd.bench.backends import targets
+from detkd.bench.latency import latency_stats, time_callable
+from detkd.config import Params
+from detkd.data.dataset import open_split
+from detkd.runtime.metadata import ModelInfo
+from detkd.runtime.preprocess import letterbox, read_image
+
+CPU_BACKENDS = ("torch-cpu", "onnxruntime-cpu")
+MIN_SPEEDUP = 2.0
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int) -> dict:
+    import onnxruntime
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    try:
+        import tensorrt
+
+        versions["tensorrt"] = tensorrt.__version__
+    except ImportError:
+        versions["tensorrt"] = None
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch_threads": torch.get_num_threads(), "onnxruntime_threads": threads or os.cpu_count(),
+            "platform": platform.platform(), "versions": versions}
+
+
+def _artefact_ap(backend: str, name: str, eval_report: dict, export_entry: dict) -> float:
+    if backend.startswith("torch-"):
+        return float(eval_report[name]["AP"])
+    if backend.startswith("onnxruntime-"):
+        return float(export_entry["onnx"]["metrics"]["AP"])
+    return float(export_entry["engines"][backend.split("-", 1)[1]]["metrics"]["AP"])
+
+
+def _batches(index, info: ModelInfo, sizes: list[int]) -> dict[int, np.ndarray]:
+    count = max(sizes)
+    images = [letterbox(read_image(index.images[i % len(index.images)].path), info)[0] for i in range(count)]
+    return {b: np.stack(images[:b]) for b in sizes}
+
+
+def run_benchmark(params: Params, checkpoints: dict[str, str], export_report: dict, eval_report: dict,
+                  data_dir: str, log: Callable[[str], None] = print) -> dict:
+    cfg = params.benchmark
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    index = open_split(data_dir, "val", params.data.min_box_size)
+    results: dict = {}
+    skipped: dict = {}
+    for name, checkpoint in checkpoints.items():
+        entry = export_report["models"][name]
+        from detkd.runtime.onnx_runner import OnnxRunner
+
+        info = OnnxRunner(entry["onnx"]["path"]).info
+        batches = _batches(index, info, cfg.batch_sizes)
+        results[name] = {}
+        for target, backend, reason in targets(checkpoint, entry, cfg.backends, cfg.threads):
+            if target is None:
+                skipped[backend] = reason
+                continue
+            rows = {}
+            for b in tqdm(cfg.batch_sizes, desc=f"benchmark {name} {target.backend}", dynamic_ncols=True):
+                if target.max_batch and b > target.max_batch:
+                    skipped[f"{target.backend} batch {b}"] = f"engine built for batch <= {target.max_batch}"
+                    continue
+                batch = batches[b]
+                seconds = time_callable(lambda: target.run(batch), cfg.warmup, cfg.iterations, target.synchronize)
+                rows[f"batch{b}"] = {**latency_stats(seconds, b), "size_mb": target.size_mb, "precision": target.precision,
+                                     "AP": _artefact_ap(target.backend, name, eval_report, entry), "artefact": target.artefact}
+                log(f"benchmark: {name} {target.backend} batch {b}: p50 {rows[f'batch{b}']['p50_ms']:.1f} ms, "
+                    f"{rows[f'batch{b}']['throughput_ips']:.1f} img/s")
+            results[name][target.backend] = rows
+    for backend, reason in skipped.items():
+        log(f"benchmark: skipped {backend}: {reason}")
+    return {"environment": environment(cfg.threads), "settings": cfg.model_dump(), "results": results,
+            "skipped": skipped, "targets": check_targets(results)}
+
+
+def fastest(results: dict, model: str, batch: str, backends=CPU_BACKENDS) -> tuple[str, float] | None:
+    options = [(b, results[model][b][batch]["p50_ms"]) for b in backends if batch in results.get(model, {}).get(b, {})]
+    return min(options, key=lambda kv: kv[1]) if options else None
+
+
+def check_targets(results: dict, teacher: str = "teacher", student: str = "distilled") -> dict:
+    out: dict = {"speedup": {}, "onnxruntime_vs_torch_cpu": {}}
+    batches = sorted({k for m in results.values() for rows in m.values() for k in rows})
+    for batch in batches:
+        t, s = fastest(results, teacher, batch), fastest(results, student, batch)
+        if t and s:
+            ratio = t[1] / s[1]
+            out["speedup"][batch] = {"teacher_backend": t[0], "teacher_p50_ms": t[1], "student_backend": s[0],
+                                     "student_p50_ms": s[1], "speedup": ratio, "target": MIN_SPEEDUP,
+                                     "met": bool(ratio >= MIN_SPEEDUP)}
+        for model, backends in results.items():
+            if batch in backends.get("torch-cpu", {}) and batch in backends.get("onnxruntime-cpu", {}):
+                ort, eager = backends["onnxruntime-cpu"][batch]["p50_ms"], backends["torch-cpu"][batch]["p50_ms"]
+                out["onnxruntime_vs_torch_cpu"].setdefault(model, {})[batch] = {
+                    "onnxruntime_p50_ms": ort, "torch_p50_ms": eager, "ratio": ort / eager, "met": bool(ort <= eager)}
+    return out
