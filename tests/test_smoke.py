@@ -16,7 +16,9 @@ def test_smoke_pipeline_runs_every_stage_tracks_and_is_cached(tmp_path):
         assert 0.0 <= metrics["AP"] <= 1.0 and len(metrics["per_class"]) == 4  # tiny override: 4 classes
     for path in ("models/teacher.pt", "models/student.pt", "models/student_distilled.pt", "reports/train/distill.csv",
                  "reports/train/teacher.csv", "reports/pr/student.json",
-                 "reports/pr_curves.png", "reports/data_preview.png", "reports/eval.md", "dvc.lock"):
+                 "reports/pr_curves.png", "reports/data_preview.png", "reports/eval.md", "dvc.lock",
+                 "models/export/teacher.onnx", "models/export/distilled.onnx", "reports/export.json",
+                 "reports/benchmark.json", "reports/benchmark.md", "reports/benchmark.png", "reports/summary.md"):
         assert (tmp_path / path).is_file(), path
     # a second `dvc repro` has nothing to do
     assert "up to date" in summary["status"]
@@ -42,3 +44,17 @@ def test_smoke_pipeline_runs_every_stage_tracks_and_is_cached(tmp_path):
     assert {"distill.nodes_fg", "distill.nodes_bg", "distill.edges", "task.loss_classifier"} <= set(distill.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(teacher.info.run_id)}
     assert "teacher.pt" in artifacts
+
+    # deployment: gates passed, TensorRT absence recorded, benchmark rows carry latency and the artefact's AP
+    import json
+
+    export = json.loads((tmp_path / "reports/export.json").read_text())
+    assert set(export["models"]) == {"teacher", "distilled"}
+    assert all(m["onnx"]["passed"] and m["graph"]["tensorrt_static_check"]["passed"] for m in export["models"].values())
+    assert "available" in export["tensorrt"]
+    bench = json.loads((tmp_path / "reports/benchmark.json").read_text())
+    row = bench["results"]["distilled"]["onnxruntime-cpu"]["batch2"]
+    assert row["p50_ms"] > 0 and row["AP"] == export["models"]["distilled"]["onnx"]["metrics"]["AP"]
+    assert "distilled student" in (tmp_path / "reports/summary.md").read_text()
+    version = client.get_model_version_by_alias("detkd-student", "deployable")
+    assert version.run_id == stages["export"].info.run_id
