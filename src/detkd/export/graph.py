@@ -196,7 +196,7 @@ class DeployableDetector(nn.Module):
         head = model.head
         outputs = head(features)
         logits, deltas = outputs["cls_logits"], outputs["bbox_regression"]  # [B, N, C], [B, N, 4]
-        classes = logits.shape[-1]
+        classes = int(head.classification_head.num_classes)  # a Python int: TopK's K must be a constant
         a = model.anchor_generator.num_anchors_per_location()[0]
         picked_boxes, picked_scores, picked_labels, start = [], [], [], 0
         for n in self.level_sizes:

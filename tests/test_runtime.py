@@ -1,0 +1,217 @@
+"""Torch-free runtime, accuracy gate, benchmark arithmetic, summary, deploy CLI and Triton config."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detkd.bench.latency import latency_stats, time_callable
+from detkd.bench.report import markdown
+from detkd.bench.run import check_targets
+from detkd.errors import InferenceInputError, ModelFileError
+from detkd.export.gate import Tolerance, ap_gate, match_detections
+from detkd.export.onnx_export import export_onnx
+from detkd.runtime import load_runner
+from detkd.runtime.metadata import ModelInfo
+from detkd.runtime.preprocess import letterbox, read_image, to_image_coordinates
+from detkd.runtime.triton import write_model_repository
+from detkd.runtime.trt_runner import check_engine_compatibility
+from detkd.summary import build_summary
+
+from conftest import REPO
+from test_export import tiny_detector, tiny_info
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory):
+    model = tiny_detector("fasterrcnn")
+    path = tmp_path_factory.mktemp("rt") / "tiny.onnx"
+    export_onnx(model, tiny_info(model), path)
+    return model, path
+
+
+def test_letterbox_matches_torchvision_transform():
+    """Same resize and padding as GeneralizedRCNNTransform on a non-square image (normalised values)."""
+    model = tiny_detector("fasterrcnn")
+    info = tiny_info(model)
+    image = np.random.default_rng(0).integers(0, 255, (50, 90, 3), dtype=np.uint8)
+    boxed, resized = letterbox(image, info)
+    assert boxed.shape == (3, 64, 64) and resized == (35, 64)
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    ref = model.transform([tensor])[0].tensors[0]  # normalised, padded to a multiple of 32
+    mean, std = np.array(info.image_mean)[:, None, None], np.array(info.image_std)[:, None, None]
+    ours = (boxed - mean) / std
+    np.testing.assert_allclose(ours[:, :ref.shape[1], :ref.shape[2]], ref.numpy(), atol=1e-5)
+    np.testing.assert_allclose(ours[:, ref.shape[1]:, :], 0.0, atol=1e-6)  # padding normalises to zero
+
+
+def test_boxes_map_back_with_per_axis_ratios_and_are_clipped():
+    boxes = np.array([[10.0, 5.0, 64.0, 35.0], [0, 0, 70, 40]], dtype=np.float32)
+    out = to_image_coordinates(boxes, (35, 64), (50, 90))
+    np.testing.assert_allclose(out[0], [10 * 90 / 64, 5 * 50 / 35, 90, 50], rtol=1e-6)
+    assert out[1, 2] == 90 and out[1, 3] == 50
+
+
+def test_detect_returns_image_coordinates_and_class_names(onnx_model):
+    _, path = onnx_model
+    runner = load_runner(path)
+    image = np.random.default_rng(1).integers(0, 255, (50, 90, 3), dtype=np.uint8)
+    (det,) = runner.detect([image])
+    assert len(det["boxes"]) == len(det["scores"]) == len(det["class_names"]) > 0
+    assert (det["boxes"][:, 2] <= 90).all() and (det["boxes"][:, 3] <= 50).all()
+    assert set(det["class_names"]) <= {"a", "b", "c"}
+
+
+def test_corrupt_truncated_and_foreign_onnx_files_are_clear_errors(onnx_model, tmp_path):
+    _, path = onnx_model
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(path.read_bytes()[: 5000])
+    with pytest.raises(ModelFileError, match="truncated.onnx: not a loadable ONNX model"):
+        load_runner(truncated)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not a model")
+    with pytest.raises(ModelFileError, match="garbage.onnx"):
+        load_runner(garbage)
+    import onnx
+    from onnx import helper, TensorProto
+
+    plain = helper.make_model(helper.make_graph([helper.make_node("Relu", ["images"], ["y"])], "g",
+                                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3])],
+                                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])]),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(plain, str(tmp_path / "plain.onnx"))
+    with pytest.raises(ModelFileError, match="metadata key 'detkd.class_names' missing"):
+        load_runner(tmp_path / "plain.onnx")
+    with pytest.raises(ModelFileError, match="model file not found"):
+        load_runner(tmp_path / "nope.onnx")
+    (tmp_path / "model.pt").write_bytes(b"x")
+    with pytest.raises(ModelFileError, match="unknown model type"):
+        load_runner(tmp_path / "model.pt")
+
+
+@pytest.mark.parametrize("batch", [np.zeros((1, 3, 32, 32), np.float32), np.zeros((1, 3, 64, 64), np.float64),
+                                   np.zeros((3, 64, 64), np.float32), np.zeros((0, 3, 64, 64), np.float32)])
+def test_wrong_input_shape_or_dtype_names_the_contract(onnx_model, batch):
+    runner = load_runner(onnx_model[1])
+    with pytest.raises(InferenceInputError, match=r"must be a float32 array \[N, 3, 64, 64\]"):
+        runner.infer(batch)
+
+
+def test_unreadable_image_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(InferenceInputError, match="bad.jpg: not a readable image"):
+        read_image(bad)
+    with pytest.raises(InferenceInputError, match="image not found"):
+        read_image(tmp_path / "missing.png")
+
+
+def test_engine_for_another_gpu_or_tensorrt_is_refused_before_loading():
+    built = {"tensorrt_version": "10.0.1", "device_name": "NVIDIA A100", "compute_capability": "8.0"}
+    check_engine_compatibility(built, dict(built), "x.engine")  # same machine: fine
+    with pytest.raises(ModelFileError, match=r"tensorrt version '10.0.1' \(this machine: '10.3.0'\).*rebuild"):
+        check_engine_compatibility(built, {**built, "tensorrt_version": "10.3.0"}, "x.engine")
+    with pytest.raises(ModelFileError, match="device name 'NVIDIA A100'.*compute capability"):
+        check_engine_compatibility(built, {**built, "device_name": "NVIDIA H100", "compute_capability": "9.0"}, "x.engine")
+
+
+def test_engine_without_its_description_is_refused(tmp_path):
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"\x00" * 10)
+    with pytest.raises(ModelFileError, match="m.engine.json is missing"):
+        load_runner(engine)
+
+
+def test_match_detections_and_ap_gate_known_answers():
+    ref = {"boxes": np.array([[0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 2, 2.]]), "scores": np.array([0.9, 0.5, 0.4]),
+           "labels": np.array([1, 2, 0])}
+    cand = {"boxes": np.array([[5, 5, 20.01, 20], [0, 0, 10, 10.]]), "scores": np.array([0.5, 0.9]),
+            "labels": np.array([2, 1])}
+    result = match_detections(ref, cand, Tolerance(box_atol=0.05, score_atol=1e-3))
+    assert result["matched"] == 2 and result["unmatched"] == 0  # label 0 (background) is not compared
+    assert result["max_box_diff"] == pytest.approx(0.01)
+    result = match_detections(ref, cand, Tolerance(box_atol=0.001))
+    assert result["matched"] == 1 and result["unmatched"] == 1
+    cand["labels"] = np.array([3, 1])
+    assert match_detections(ref, cand, Tolerance())["unmatched"] == 1
+    assert ap_gate(0.5, 0.504, 0.005)["passed"] and not ap_gate(0.5, 0.494, 0.005)["passed"]
+    assert ap_gate(0.5, 0.494, 0.005)["difference"] == pytest.approx(-0.006)
+
+
+def test_latency_statistics_known_answers():
+    stats = latency_stats([0.010, 0.020, 0.030, 0.040], batch=2)
+    assert stats["p50_ms"] == pytest.approx(25.0) and stats["mean_ms"] == pytest.approx(25.0)
+    assert stats["p90_ms"] == pytest.approx(37.0) and stats["throughput_ips"] == pytest.approx(80.0)
+    calls = []
+    seconds = time_callable(lambda: calls.append(1), warmup=3, iterations=5, synchronize=lambda: calls.append(0))
+    assert len(seconds) == 5 and calls.count(1) == 8  # warm-up calls are not timed
+
+
+def _row(p50):
+    return {"p50_ms": p50, "p90_ms": p50, "p99_ms": p50, "mean_ms": p50, "throughput_ips": 1000 / p50, "size_mb": 1.0,
+            "AP": 0.5, "precision": "fp32", "artefact": "x"}
+
+
+def test_targets_use_the_fastest_cpu_backend_per_model():
+    results = {"teacher": {"torch-cpu": {"batch1": _row(100)}, "onnxruntime-cpu": {"batch1": _row(80)}},
+               "distilled": {"torch-cpu": {"batch1": _row(30)}, "onnxruntime-cpu": {"batch1": _row(45)}}}
+    targets = check_targets(results)
+    s = targets["speedup"]["batch1"]
+    assert s["teacher_backend"] == "onnxruntime-cpu" and s["student_backend"] == "torch-cpu"
+    assert s["speedup"] == pytest.approx(80 / 30) and s["met"]
+    assert targets["onnxruntime_vs_torch_cpu"]["teacher"]["batch1"]["met"]
+    assert not targets["onnxruntime_vs_torch_cpu"]["distilled"]["batch1"]["met"]
+    env = {"cpu": "cpu", "cpu_count": 2, "torch_threads": 2, "onnxruntime_threads": 2, "gpu": None,
+           "versions": {"torch": "t", "onnxruntime": "o", "tensorrt": None}}
+    report = {"environment": env, "results": results, "skipped": {"tensorrt": "absent"}, "targets": targets}
+    text = markdown(report)
+    assert "| distilled | torch-cpu | 1 | 30.0 |" in text and "2.67x faster" in text and "tensorrt: absent" in text
+    export = {"tensorrt": {"available": False, "reason": "absent"},
+              "models": {n: {"backbone": b, "input_size": 64, "graph": {"size_mb": 2.0}, "engines": {},
+                             "onnx": {"metrics": {"AP": ap}, "ap_gate": ap_gate(ap, ap, 0.005)}}
+                         for n, b, ap in (("teacher", "resnet34", 0.5), ("distilled", "resnet18", 0.4))}}
+    summary = build_summary({"teacher": {"AP": 0.5}, "student": {"AP": 0.3}, "distilled": {"AP": 0.4}}, export, report)
+    assert "| baseline student | resnet18 | 0.300 |" in summary
+    assert "| distilled student | resnet18 | 0.400 | 0.400 | 30.0 | 45.0 | 2.0 |" in summary
+    assert "2.67x (torch-cpu 30.0 ms vs onnxruntime-cpu 80.0 ms)" in summary
+
+
+def test_triton_repository_declares_the_contract(onnx_model, tmp_path):
+    _, path = onnx_model
+    target = write_model_repository(path, tmp_path / "repo", "det", max_batch=4, instance="KIND_CPU")
+    config = (target / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config and "max_batch_size: 4" in config
+    assert 'name: "images", data_type: TYPE_FP32, dims: [ 3, 64, 64 ]' in config
+    assert 'name: "labels", data_type: TYPE_INT64, dims: [ 20 ]' in config and "KIND_CPU" in config
+    assert (target / "1" / "model.onnx").read_bytes() == path.read_bytes()
+    assert (target / "labels.txt").read_text().split() == ["__background__", "a", "b", "c"]
+
+
+def test_infer_cli_writes_detections_and_drawings(onnx_model, tmp_path):
+    _, path = onnx_model
+    rng = np.random.default_rng(3)
+    files = []
+    for i, shape in enumerate([(64, 64, 3), (40, 80, 3)]):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(files[-1])
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "deploy" / "infer.py"), "--model", str(path), *map(str, files),
+                           "--out", str(out), "--score-threshold", "0.0"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "detections.json").read_text())
+    assert set(report) == {str(f) for f in files}
+    first = report[str(files[1])][0]
+    assert set(first) == {"box", "score", "label", "class_name"} and first["class_name"] in {"a", "b", "c"}
+    assert 0 <= first["box"][0] <= first["box"][2] <= 80 and first["box"][3] <= 40
+    assert (out / "img0.png").is_file() and (out / "img1.png").is_file()
+    # an unreadable image: one line, exit status 2, nothing half-written
+    bad = tmp_path / "bad.png"
+    bad.write_text("nope")
+    proc = subprocess.run([sys.executable, str(REPO / "deploy" / "infer.py"), "--model", str(path), str(bad),
+                           "--out", str(tmp_path / "out2")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "bad.png" in proc.stderr
+    assert not (tmp_path / "out2").exists()
