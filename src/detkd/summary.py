@@ -46,7 +46,7 @@ def build_summary(eval_report: dict, export_report: dict, benchmark_report: dict
     if engines:
         lines.append("TensorRT engines: " + ", ".join(f"{n} {p} AP {ap:.3f}" for n, p, ap in engines))
     else:
-        lines.append(f"TensorRT engines: not built here ({export_report['tensorrt'].get('reason', '')}).")
+        lines.append(f"TensorRT engines: not built here: {export_report['tensorrt'].get('reason', '')}.")
     lines.append("")
     for title, names in (("any backend", None), ("CPU backends", CPU_BACKENDS)):
         t = fastest(results, "teacher", batch, names or list(results.get("teacher", {})))
