@@ -215,3 +215,15 @@ def test_infer_cli_writes_detections_and_drawings(onnx_model, tmp_path):
                            "--out", str(tmp_path / "out2")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "bad.png" in proc.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_output_comparison_respects_an_engines_batch_limit(onnx_model):
+    """Runners with a profile limit (TensorRT engines) get the sample images in chunks."""
+    from detkd.export.gate import compare_outputs
+
+    model, path = onnx_model
+    runner = load_runner(path)
+    runner.max_batch = 2
+    images = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(5)]
+    result = compare_outputs(model, runner, images)
+    assert result["images"] == 5 and result["passed"] and result["matched"] > 0

@@ -77,7 +77,9 @@ def match_detections(reference: dict, candidate: dict, tolerance: Tolerance) -> 
 def compare_outputs(detector: torch.nn.Module, runner: Runner, images: list[np.ndarray],
                     tolerance: Tolerance = Tolerance()) -> dict:
     batch = np.stack([letterbox(img, runner.info)[0] for img in images])
-    boxes, scores, labels, counts = runner.infer(batch)
+    step = runner.max_batch or len(batch)  # engines take at most their profile's batch
+    parts = [runner.infer(batch[i:i + step]) for i in range(0, len(batch), step)]
+    boxes, scores, labels, counts = (np.concatenate([p[k] for p in parts]) for k in range(4))
     detector.eval().cpu()
     transform = detector.transform
     saved = transform.min_size, transform.max_size
