@@ -128,3 +128,20 @@ def test_retinanet_export_passes_the_tensorrt_check_and_matches(tmp_path):
         expected = DeployableDetector(model)(batch)
     for got, want in zip(OnnxRunner(path).infer(batch.numpy()), expected):
         np.testing.assert_allclose(got, want.numpy(), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["fasterrcnn", "retinanet"])
+def test_images_without_detections_give_zero_rows_in_onnx(family, tmp_path):
+    """NMS selecting nothing (every score under the threshold) is a valid, empty answer, not an error."""
+    model = tiny_detector(family)
+    with torch.no_grad():
+        if family == "retinanet":
+            model.head.classification_head.cls_logits.bias.fill_(-20.0)
+        else:
+            model.roi_heads.box_predictor.cls_score.bias[1:] -= 50.0
+    path = tmp_path / "empty.onnx"
+    export_onnx(model, tiny_info(model), path)
+    boxes, scores, labels, counts = OnnxRunner(path).infer(images(2).numpy())
+    assert counts.tolist() == [0, 0] and not scores.any() and not boxes.any() and not labels.any()
+    with torch.no_grad():
+        assert all(len(d["boxes"]) == 0 for d in model(list(images(2))))
