@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from detkd.errors import DetkdError
+from detkd.export.graph import accept_letterboxed
 from detkd.models.builder import model_size_mb
 from detkd.runtime.onnx_runner import OnnxRunner, available_providers
 from detkd.training import load_detector
@@ -33,16 +34,13 @@ class Target:
     max_batch: Optional[int] = None
 
 
-def _torch_target(checkpoint: str, device: str) -> Target:
+def _torch_target(checkpoint: str, device: str, input_size: int) -> Target:
     detector, _ = load_detector(checkpoint, torch.device(device))
-    detector.eval()
+    accept_letterboxed(detector.eval(), input_size)  # every benchmark input is already letterboxed
 
     @torch.no_grad()
     def run(batch: np.ndarray):
-        size = batch.shape[-1]
-        detector.transform.min_size, detector.transform.max_size = (size,), size  # already letterboxed
-        images = torch.from_numpy(batch).to(device)
-        return detector(list(images))
+        return detector(list(torch.from_numpy(batch).to(device)))
 
     sync = torch.cuda.synchronize if device == "cuda" else None
     return Target(f"torch-{device}", checkpoint, "fp32", model_size_mb(detector), run, sync)
@@ -52,10 +50,10 @@ def targets(checkpoint: str, export_entry: dict, backends: list[str], threads: i
     onnx_path = export_entry["onnx"]["path"]
     for backend in backends:
         if backend == "torch-cpu":
-            yield _torch_target(checkpoint, "cpu"), backend, ""
+            yield _torch_target(checkpoint, "cpu", export_entry["input_size"]), backend, ""
         elif backend == "torch-cuda":
             if torch.cuda.is_available():
-                yield _torch_target(checkpoint, "cuda"), backend, ""
+                yield _torch_target(checkpoint, "cuda", export_entry["input_size"]), backend, ""
             else:
                 yield None, backend, "no CUDA device"
         elif backend.startswith("onnxruntime-"):

@@ -23,7 +23,7 @@ from detkd.bench.backends import targets
 from detkd.bench.latency import latency_stats, time_callable
 from detkd.config import Params
 from detkd.data.dataset import open_split
-from detkd.runtime.metadata import ModelInfo
+from detkd.runtime.metadata import ModelInfo, read_model_info
 from detkd.runtime.preprocess import letterbox, read_image
 
 CPU_BACKENDS = ("torch-cpu", "onnxruntime-cpu")
@@ -79,9 +79,7 @@ def run_benchmark(params: Params, checkpoints: dict[str, str], export_report: di
     skipped: dict = {}
     for name, checkpoint in checkpoints.items():
         entry = export_report["models"][name]
-        from detkd.runtime.onnx_runner import OnnxRunner
-
-        info = OnnxRunner(entry["onnx"]["path"]).info
+        info = read_model_info(entry["onnx"]["path"])  # letterboxing rule, without opening a session
         batches = _batches(index, info, cfg.batch_sizes)
         results[name] = {}
         for target, backend, reason in targets(checkpoint, entry, cfg.backends, cfg.threads):

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from detkd.data.coco import CocoIndex
 from detkd.evaluation.coco_eval import detections_to_coco, evaluate_detections
+from detkd.export.graph import letterboxed_input
 from detkd.runtime.base import Runner
 from detkd.runtime.preprocess import letterbox, read_image
 
@@ -80,14 +81,8 @@ def compare_outputs(detector: torch.nn.Module, runner: Runner, images: list[np.n
     step = runner.max_batch or len(batch)  # engines take at most their profile's batch
     parts = [runner.infer(batch[i:i + step]) for i in range(0, len(batch), step)]
     boxes, scores, labels, counts = (np.concatenate([p[k] for p in parts]) for k in range(4))
-    detector.eval().cpu()
-    transform = detector.transform
-    saved = transform.min_size, transform.max_size
-    transform.min_size, transform.max_size = (batch.shape[-1],), batch.shape[-1]  # input already letterboxed
-    try:
+    with letterboxed_input(detector.eval().cpu(), batch.shape[-1]):
         reference = detector([torch.from_numpy(x) for x in batch])
-    finally:
-        transform.min_size, transform.max_size = saved
     total = {"matched": 0, "unmatched": 0, "max_box_diff": 0.0, "max_score_diff": 0.0}
     for i, ref in enumerate(reference):
         n = int(counts[i])

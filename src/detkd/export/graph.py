@@ -19,16 +19,17 @@ rounding (tested).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import boxes as box_ops
+from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import roi_align
 
-from detkd.export.nms import gather_rows, offset_by_class, onnx_nms, pad_selection
+from detkd.export.nms import gather_rows, nms_slots
 
 INVALID_SCORE = -1.0  # scores of candidates that are filtered out; below every NMS score threshold
 
@@ -37,6 +38,26 @@ def export_size(detector: nn.Module) -> int:
     """Side of the square export input: the transform's ``max_size`` rounded up to its size divisor."""
     transform = detector.transform
     return int(math.ceil(transform.max_size / transform.size_divisible) * transform.size_divisible)
+
+
+def accept_letterboxed(detector: nn.Module, size: int) -> tuple:
+    """Make the eager detector's transform leave an ``S x S`` letterboxed input unscaled (``min_size =
+    max_size = S``), so eager PyTorch sees exactly what the exported graph sees. Returns the previous
+    ``(min_size, max_size)``."""
+    transform = detector.transform
+    saved = transform.min_size, transform.max_size
+    transform.min_size, transform.max_size = (size,), size
+    return saved
+
+
+@contextlib.contextmanager
+def letterboxed_input(detector: nn.Module, size: int):
+    """``accept_letterboxed`` for the duration of the block."""
+    saved = accept_letterboxed(detector, size)
+    try:
+        yield detector
+    finally:
+        detector.transform.min_size, detector.transform.max_size = saved
 
 
 def _clip(boxes: Tensor, size: int) -> Tensor:
@@ -54,12 +75,6 @@ def _decode(box_coder, deltas: Tensor, anchors: Tensor) -> Tensor:
     return box_coder.decode_single(deltas.reshape(b * n, -1), flat_anchors).reshape(b, n, -1, 4)
 
 
-def _flatten_level(x: Tensor, channels: int) -> Tensor:
-    """``[B, A*C, H, W]`` -> ``[B, H*W*A, C]`` (torchvision's ``permute_and_flatten`` order)."""
-    b, _, h, w = x.shape
-    return x.reshape(b, -1, channels, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, channels)
-
-
 class _Detections(nn.Module):
     """Shared tail: class-aware NMS over candidates, then the padded output contract."""
 
@@ -69,9 +84,7 @@ class _Detections(nn.Module):
 
     def forward(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``boxes [B, N, 4]``, ``scores [B, N]`` (``INVALID_SCORE`` = dropped), ``labels [B, N]``."""
-        selected = onnx_nms(offset_by_class(boxes, labels, self.size), scores, self.max_detections,
-                            self.nms_threshold, INVALID_SCORE / 2)
-        index = pad_selection(selected, scores, self.max_detections)
+        index = nms_slots(boxes, scores, labels, self.size, self.max_detections, self.nms_threshold, INVALID_SCORE / 2)
         valid = index >= 0
         out_scores = torch.where(valid, gather_rows(scores, index), torch.zeros_like(index, dtype=scores.dtype))
         out_labels = torch.where(valid, gather_rows(labels, index), torch.zeros_like(index))
@@ -102,14 +115,14 @@ class DeployableDetector(nn.Module):
     @torch.no_grad()
     def _constant_anchors(self) -> tuple[Tensor, list[tuple[int, int]]]:
         probe = torch.zeros(1, 3, self.size, self.size, device=self.mean.device)
-        features = list(self.detector.backbone(probe).values())
+        feature_dict = self.detector.backbone(probe)
+        features = list(feature_dict.values())
         generator = self.detector.rpn.anchor_generator if isinstance(self.detector, FasterRCNN) \
             else self.detector.anchor_generator
         anchors = generator(ImageList(probe, [(self.size, self.size)]), features)[0]
         if isinstance(self.detector, FasterRCNN):  # fixes the RoI pooler's scales for this input size
             pooler = self.detector.roi_heads.box_roi_pool
             pooler.scales, pooler.map_levels = None, None
-            feature_dict = dict(zip(self.detector.backbone(probe).keys(), features))
             pooler(feature_dict, [torch.zeros(1, 4)], [(self.size, self.size)])
         return anchors, [tuple(f.shape[-2:]) for f in features]
 
@@ -126,9 +139,9 @@ class DeployableDetector(nn.Module):
     def _proposals(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
         """RPN: per-level top-k, decode, clip, drop tiny boxes, NMS per level, best ``post_nms_top_n``."""
         rpn = self.detector.rpn
-        objectness, deltas = rpn.head(features)
-        objectness = torch.cat([_flatten_level(o, 1) for o in objectness], dim=1).squeeze(-1)  # [B, N]
-        deltas = torch.cat([_flatten_level(d, 4) for d in deltas], dim=1)  # [B, N, 4]
+        batch = features[0].shape[0]
+        objectness, deltas = concat_box_prediction_layers(*rpn.head(features))
+        objectness, deltas = objectness.reshape(batch, -1), deltas.reshape(batch, -1, 4)  # [B, N], [B, N, 4]
         boxes = _decode(rpn.box_coder, deltas, self.anchors)[:, :, 0]  # not squeeze: exports as an If
         picked_scores, picked_boxes, picked_levels, start = [], [], [], 0
         for level, n in enumerate(self.level_sizes):
@@ -143,9 +156,8 @@ class DeployableDetector(nn.Module):
         prob = torch.sigmoid(torch.cat(picked_scores, dim=1))
         keep = _not_small(boxes, rpn.min_size) & (prob >= rpn.score_thresh)
         prob = torch.where(keep, prob, torch.full_like(prob, INVALID_SCORE))
-        selected = onnx_nms(offset_by_class(boxes, torch.cat(picked_levels, dim=1), self.size), prob,
-                            rpn.post_nms_top_n(), rpn.nms_thresh, INVALID_SCORE / 2)
-        index = pad_selection(selected, prob, rpn.post_nms_top_n())
+        index = nms_slots(boxes, prob, torch.cat(picked_levels, dim=1), self.size, rpn.post_nms_top_n(),
+                          rpn.nms_thresh, INVALID_SCORE / 2)  # NMS per level, as torchvision's RPN
         return gather_rows(boxes, index), index >= 0
 
     def _pool(self, features: list[Tensor], proposals: Tensor) -> Tensor:
@@ -158,10 +170,7 @@ class DeployableDetector(nn.Module):
         boxes = proposals.reshape(-1, 4)
         batch_index = torch.arange(b, device=boxes.device).unsqueeze(1).expand(b, k).reshape(-1, 1)
         rois = torch.cat([batch_index.to(boxes.dtype), boxes], dim=1)
-        mapper = pooler.map_levels
-        side = torch.sqrt(box_ops.box_area(boxes).clamp(min=1e-12))
-        level = torch.floor(mapper.lvl0 + torch.log2(side / mapper.s0) + mapper.eps)
-        level = level.clamp(min=mapper.k_min, max=mapper.k_max) - mapper.k_min  # [R] float
+        level = pooler.map_levels([boxes])  # torchvision's LevelMapper: [R] level index (padding RoIs -> 0)
         members, pooled = [], []
         for i in range(len(pooler.featmap_names)):
             index = torch.nonzero((level == i).to(torch.float32)).reshape(-1)

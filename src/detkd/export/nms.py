@@ -61,6 +61,14 @@ def offset_by_class(boxes: Tensor, labels: Tensor, extent: float) -> Tensor:
     return boxes + (labels.to(boxes.dtype) * (extent + 1.0)).unsqueeze(-1)
 
 
+def nms_slots(boxes: Tensor, scores: Tensor, labels: Tensor, extent: float, slots: int, iou_threshold: float,
+              score_threshold: float) -> Tensor:
+    """Class-aware NMS per image (``labels`` kept apart by ``offset_by_class``), best ``slots`` kept:
+    ``[B, slots]`` box indices, ``-1`` padded."""
+    selected = onnx_nms(offset_by_class(boxes, labels, extent), scores, slots, iou_threshold, score_threshold)
+    return pad_selection(selected, scores, slots)
+
+
 def pad_selection(selected: Tensor, like: Tensor, slots: int) -> Tensor:
     """``[M, 3]`` NMS rows -> ``[B, slots]`` box indices, ``-1`` padded (``like``: any ``[B, ...]`` tensor)."""
     image = selected[:, 0]

@@ -3,7 +3,7 @@
 Contract: ``build_engine(onnx_path, engine_path, precision, info, max_batch, calibration_batches,
 cache_path)`` parses the ONNX file with TensorRT's parser, builds a serialised engine for batch sizes
 1..``max_batch`` (optimisation profile on ``images``) and writes it atomically with its sidecar
-(``detkd.runtime.trt_runner.engine_sidecar``). INT8 uses ``IInt8EntropyCalibrator2`` fed by
+(``detkd.runtime.metadata.engine_sidecar``). INT8 uses ``IInt8EntropyCalibrator2`` fed by
 ``calibration_batches`` (letterboxed float32 arrays) and reuses/writes ``cache_path``. TensorRT is
 imported lazily: ``import_tensorrt`` raises ``BackendUnavailableError`` where it is absent, which the
 export stage records instead of failing.
@@ -19,8 +19,8 @@ import numpy as np
 
 from detkd.errors import ExportError
 from detkd.io import atomic_path, atomic_write_text
-from detkd.runtime.metadata import ModelInfo
-from detkd.runtime.trt_runner import engine_sidecar, import_tensorrt, this_machine
+from detkd.runtime.metadata import ModelInfo, engine_sidecar
+from detkd.runtime.trt_runner import import_tensorrt, this_machine
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -88,7 +88,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str,
         raise ExportError(f"{onnx_path}: TensorRT could not build a {precision} engine (see its log above)")
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(bytes(serialized))
-    sidecar = {**this_machine(trt.__version__), "precision": precision, "max_batch": max_batch,
-               "source": str(onnx_path), "metadata": info.to_metadata()}
+    machine = this_machine(trt.__version__)
+    sidecar = {**machine, "precision": precision, "max_batch": max_batch, "source": str(onnx_path),
+               "metadata": info.to_metadata()}
     atomic_write_text(engine_sidecar(engine_path), json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-    return {"precision": precision, "size_mb": Path(engine_path).stat().st_size / 2**20, **this_machine(trt.__version__)}
+    return {"precision": precision, "size_mb": Path(engine_path).stat().st_size / 2**20, **machine}

@@ -2,13 +2,15 @@
 
 Contract: ``ModelInfo.to_metadata()`` -> ``{str: str}`` (ONNX ``metadata_props``; values are JSON), and
 ``ModelInfo.from_metadata(props, source)`` reads it back or raises ``ModelFileError`` naming the file and
-the missing or bad key.
+the missing or bad key. ``read_model_info(path)`` reads it from an ONNX file or an engine's sidecar
+without opening a runtime session.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 
 from detkd.errors import ModelFileError
 
@@ -52,3 +54,25 @@ class ModelInfo:
             except json.JSONDecodeError:
                 raise ModelFileError(f"{source}: metadata key '{key}' is not valid JSON: {props[key][:60]!r}") from None
         return cls(**values)
+
+
+def engine_sidecar(engine_path: str | Path) -> Path:
+    """Where a TensorRT engine's description (versions, GPU, precision, this metadata) lives."""
+    return Path(str(engine_path) + ".json")
+
+
+def read_model_info(model_path: str | Path) -> ModelInfo:
+    """``ModelInfo`` of an exported ``.onnx`` file, or of an engine from its ``<engine>.json`` sidecar."""
+    model_path = Path(model_path)
+    if model_path.suffix == ".onnx":
+        import onnx
+
+        try:
+            model = onnx.load(str(model_path), load_external_data=False)
+        except Exception as exc:
+            raise ModelFileError(f"{model_path}: not a readable ONNX file ({str(exc).splitlines()[0][:120]})") from None
+        return ModelInfo.from_metadata({p.key: p.value for p in model.metadata_props}, str(model_path))
+    sidecar = engine_sidecar(model_path)
+    if not sidecar.is_file():
+        raise ModelFileError(f"{model_path}: its description {sidecar.name} is missing")
+    return ModelInfo.from_metadata(json.loads(sidecar.read_text())["metadata"], str(sidecar))

@@ -36,10 +36,11 @@ class OnnxRunner(Runner):
         unknown = [p for p in providers if p not in PROVIDERS]
         if unknown:
             raise BackendUnavailableError(f"unknown onnxruntime provider(s) {unknown}; choose from {', '.join(PROVIDERS)}")
-        missing = [p for p in providers if p not in available_providers()]
+        available = available_providers()
+        missing = [p for p in providers if p not in available]
         if missing:
             raise BackendUnavailableError(f"onnxruntime {ort.__version__} here has no {', '.join(missing)} provider "
-                                          f"(available: {', '.join(available_providers())})")
+                                          f"(available: {', '.join(available)})")
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads)
         options.log_severity_level = 3

@@ -15,27 +15,10 @@ import shutil
 from pathlib import Path
 
 from detkd.errors import ModelFileError
-from detkd.runtime.metadata import ModelInfo
+from detkd.runtime.metadata import ModelInfo, read_model_info
 
 PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".engine": ("tensorrt_plan", "model.plan"),
              ".plan": ("tensorrt_plan", "model.plan"), ".trt": ("tensorrt_plan", "model.plan")}
-
-
-def read_info(model_path: Path) -> ModelInfo:
-    if model_path.suffix == ".onnx":
-        import onnx
-
-        try:
-            model = onnx.load(str(model_path), load_external_data=False)
-        except Exception as exc:
-            raise ModelFileError(f"{model_path}: not a readable ONNX file ({str(exc).splitlines()[0][:120]})") from None
-        return ModelInfo.from_metadata({p.key: p.value for p in model.metadata_props}, str(model_path))
-    from detkd.runtime.trt_runner import engine_sidecar
-
-    sidecar = engine_sidecar(model_path)
-    if not sidecar.is_file():
-        raise ModelFileError(f"{model_path}: its description {sidecar.name} is missing")
-    return ModelInfo.from_metadata(json.loads(sidecar.read_text())["metadata"], str(sidecar))
 
 
 def config_pbtxt(info: ModelInfo, name: str, platform: str, max_batch: int, instance: str) -> str:
@@ -68,7 +51,7 @@ def write_model_repository(model_path: str | Path, repository: str | Path, name:
         raise ModelFileError(f"{model_path}: model file not found")
     if instance not in ("KIND_GPU", "KIND_CPU"):
         raise ValueError(f"instance must be KIND_GPU or KIND_CPU, got {instance}")
-    info = read_info(model_path)
+    info = read_model_info(model_path)
     platform, filename = PLATFORMS[model_path.suffix]
     target = repository / name
     (target / "1").mkdir(parents=True, exist_ok=True)

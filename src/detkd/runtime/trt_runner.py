@@ -16,7 +16,7 @@ import numpy as np
 
 from detkd.errors import BackendUnavailableError, ModelFileError
 from detkd.runtime.base import Runner
-from detkd.runtime.metadata import ModelInfo
+from detkd.runtime.metadata import ModelInfo, engine_sidecar
 from detkd.runtime.onnx_runner import OUTPUTS
 
 
@@ -32,10 +32,6 @@ def import_tensorrt():
     if not torch.cuda.is_available():
         raise BackendUnavailableError(f"TensorRT {tensorrt.__version__} is installed but no CUDA device is visible")
     return tensorrt
-
-
-def engine_sidecar(engine_path: str | Path) -> Path:
-    return Path(str(engine_path) + ".json")
 
 
 def this_machine(trt_version: str) -> dict:
