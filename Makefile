@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.detkd-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test smoke compare lock clean-mlflow
+.PHONY: setup repro test smoke compare frontier lock clean-mlflow
 
 # Create the environment if missing; (re)install when the pins change. Exact versions: constraints.txt.
 $(STAMP): pyproject.toml constraints.txt
@@ -32,6 +32,13 @@ smoke: setup
 compare: setup
 	dvc repro prepare
 	python -m detkd.compare $(COMPARE_ARGS)
+
+# The speed/accuracy frontier with more student sizes (params.yaml: frontier.sizes), each trained as baseline
+# and distilled student in a DVC experiment (frontier-<size>), then reports/frontier.{json,md,png}. Runs the
+# default pipeline first (its teacher is reused from the run cache). Resumes finished experiments.
+frontier: setup
+	DETKD_PIPELINE_ID=$${DETKD_PIPELINE_ID:-frontier-$$(date +%Y%m%d-%H%M%S)} dvc repro
+	python -m detkd.frontier_sizes $(FRONTIER_ARGS)
 
 # Refresh constraints.txt from the current environment (after changing a dependency on purpose).
 lock: setup

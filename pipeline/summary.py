@@ -1,13 +1,14 @@
 """Stage ``summary``: reports/summary.md (teacher, baseline and distilled student: AP, latency per backend,
-size, speed-up) from the evaluate, export and benchmark reports; logged to MLflow."""
+size, speed-up, targets) and reports/summary.json (the headline numbers, flat, for ``dvc exp show``) from
+the evaluate, export and benchmark reports; logged to MLflow."""
 
 import argparse
 import json
 from pathlib import Path
 
 from detkd.cli import run_main
-from detkd.io import atomic_write_text
-from detkd.summary import build_summary
+from detkd.io import atomic_write_json, atomic_write_text
+from detkd.summary import build_summary, headline
 from detkd.tracking.mlflow_run import stage_run
 
 
@@ -17,12 +18,17 @@ def main() -> None:
     parser.add_argument("--export", default="reports/export.json")
     parser.add_argument("--benchmark", default="reports/benchmark.json")
     parser.add_argument("--out", default="reports/summary.md")
+    parser.add_argument("--metrics", default="reports/summary.json", help="flat headline numbers (DVC metrics)")
     args = parser.parse_args()
     reports = [json.loads(Path(p).read_text()) for p in (args.eval, args.export, args.benchmark)]
     with stage_run("summary") as run:
         text = build_summary(*reports)
+        numbers = headline(*reports)
         atomic_write_text(args.out, text)
-        run.log_artifact(args.out, "reports")
+        atomic_write_json(args.metrics, numbers)
+        run.log_metrics(numbers)
+        for path in (args.out, args.metrics):
+            run.log_artifact(path, "reports")
         print(text)
 
 

@@ -112,7 +112,8 @@ def tiny_setup(tmp_path_factory):
     raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), SMOKE_OVERRIDES)
     params = parse_params(raw)
     prepare_dataset(root / "prepared", params.data, params.seed)
-    spec = make_spec(params.model.family, params.teacher.backbone, params.data.synthetic.num_classes, params.model)
+    spec = make_spec(params.model.family, params.teacher.backbone, params.data.synthetic.num_classes,
+                     params.detector_config("teacher"))
     manifest = json.loads((root / "prepared/dataset.json").read_text())
     save_model_checkpoint(root / "t.pt", build_detector(spec), {"spec": spec.to_dict(), "category_ids": [1, 3, 5, 7],
                                                                "category_names": manifest["classes"]})

@@ -61,3 +61,47 @@ def test_stage_seed_is_optional_and_non_negative():
     assert parse_params({"train_student": {"seed": 3}}).train_student.seed == 3
     with pytest.raises(ConfigError, match=r"train_student.seed: .*greater than or equal to 0"):
         parse_params({"train_student": {"seed": -1}})
+
+
+# ---- per-role architecture --------------------------------------------------------------------------
+
+def test_roles_build_different_architectures_and_family_sections_are_independent():
+    params = parse_params({"teacher": {"backbone": "resnet34", "fpn_channels": 128},
+                           "student": {"backbone": "mobilenet_v3_small", "fpn_channels": 48, "detections_per_image": 20,
+                                       "fasterrcnn": {"representation_size": 64, "rpn_post_nms_top_n_test": 50},
+                                       "retinanet": {"head_depth": 2, "topk_candidates": 200}}})
+    teacher, student = params.detector_config("teacher"), params.detector_config("student")
+    assert (teacher.fpn_channels, teacher.representation_size) == (128, 256)
+    assert (student.fpn_channels, student.representation_size, student.rpn_post_nms_top_n_test) == (48, 64, 50)
+    assert student.detections_per_image == 20 and student.min_size == teacher.min_size  # input stays shared
+    retina = parse_params({"model": {"family": "retinanet"}, "student": params.student.model_dump()})
+    assert (retina.detector_config("student").head_depth, retina.detector_config("student").topk_candidates) == (2, 200)
+
+
+@pytest.mark.parametrize("raw, pattern", [
+    ({"model": {"fpn_channels": 64}}, r"unknown key 'model.fpn_channels'.*set per role: teacher.fpn_channels / student.fpn_channels"),
+    ({"student": {"backbone": "resnet18", "representation_size": 64}},
+     r"unknown key 'student.representation_size'.*architecture key of fasterrcnn.*student.fasterrcnn.representation_size"),
+    ({"student": {"backbone": "resnet18", "fasterrcnn": {"head_depth": 2}}},
+     r"unknown key 'student.fasterrcnn.head_depth'; allowed keys here: box_batch_size_per_image, .*student.retinanet.head_depth"),
+    ({"teacher": {"backbone": "resnet18", "retinanet": {"head_depth": 6}}}, r"teacher.retinanet.head_depth: .*less than or equal to 4.*6"),
+    ({"student": {"backbone": "resnet18", "fpn_channels": 4}}, r"student.fpn_channels: .*greater than or equal to 8.*4"),
+    ({"student": {"backbone": "resnet18", "fasterrcnn": {"rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 300}}},
+     r"student.fasterrcnn: rpn_post_nms_top_n_test \(300\) must be <= rpn_pre_nms_top_n_test \(100\)"),
+    ({"frontier": {"sizes": {"tiny": {"fpn_channels": 2}}}}, r"frontier.sizes.tiny.fpn_channels: .*greater than or equal to 8"),
+    ({"frontier": {"sizes": {"tiny": {"fasterrcnn": {"head_depth": 2}}}}},
+     r"frontier.sizes.tiny.fasterrcnn.head_depth: unknown key.*student.retinanet.head_depth"),
+    ({"frontier": {"sizes": {"Tiny One": {}}}}, r"size name 'Tiny One' must be lower-case"),
+])
+def test_bad_architecture_keys_get_one_line_naming_key_and_allowed_values(raw, pattern):
+    with pytest.raises(ConfigError, match=pattern) as info:
+        parse_params(raw)
+    assert "\n" not in str(info.value)
+
+
+def test_repository_student_is_cheaper_than_its_teacher():
+    params = load_params(REPO / "params.yaml")
+    teacher, student = params.detector_config("teacher"), params.detector_config("student")
+    assert student.fpn_channels < teacher.fpn_channels
+    assert student.rpn_post_nms_top_n_test < teacher.rpn_post_nms_top_n_test
+    assert set(params.frontier.sizes) == {"small", "large"}

@@ -20,11 +20,18 @@ FAMILIES = ["fasterrcnn", "retinanet"]
 HPARAMS = {"defeat": {"level_base": 8.0}}
 
 
-def _pair(family, method):
+# A student narrower than its teacher everywhere the architecture allows: FPN width, RoI-head size, RPN
+# proposals, sampled RoIs, detections, RetinaNet tower depth.
+NARROW = TINY.model_copy(update={"fpn_channels": 16, "representation_size": 24, "rpn_post_nms_top_n_train": 30,
+                                 "rpn_post_nms_top_n_test": 20, "box_batch_size_per_image": 8, "detections_per_image": 10,
+                                 "head_depth": 2, "topk_candidates": 100})
+
+
+def _pair(family, method, student_cfg=TINY, student_backbone="resnet18"):
     torch.manual_seed(0)
     teacher = build_detector(make_spec(family, "resnet34", 3, TINY))
-    student = build_detector(make_spec(family, "resnet18", 3, TINY))
-    m = build_method(method, family, TINY.fpn_channels, TINY.fpn_channels, HPARAMS.get(method, {}))
+    student = build_detector(make_spec(family, student_backbone, 3, student_cfg))
+    m = build_method(method, family, student_cfg.fpn_channels, TINY.fpn_channels, HPARAMS.get(method, {}))
     return DistillationModel(student, teacher, m).train()
 
 
@@ -65,6 +72,70 @@ def test_method_contract(family, method, n_boxes):
     assert all(torch.equal(a, b) for a, b in zip(teacher_out_before, after))
     assert not model.teacher.training  # .train() on the wrapper never reaches the teacher
     assert not any(k.startswith("_teacher") or k.startswith("teacher") for k in model.state_dict())
+
+
+def _graph_signature(path) -> tuple:
+    """What an extra module in an ONNX file would change: the operators it runs and the weight shapes it
+    holds. (Exporting de-duplicates equal-valued weights behind Identity nodes, so counts of weights and
+    Identity nodes depend on the values; these two do not.)"""
+    from collections import Counter
+
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    return Counter(n.op_type for n in graph.node if n.op_type != "Identity"), {tuple(t.dims) for t in graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def plain_student_onnx(tmp_path_factory):
+    """Per family, the graph signature of the narrow student exported without any distillation."""
+    from test_export import tiny_info
+
+    from detkd.export.onnx_export import export_onnx
+
+    out = {}
+    for family in FAMILIES:
+        torch.manual_seed(0)
+        student = build_detector(make_spec(family, "mobilenet_v3_small", 3, NARROW)).eval()
+        path = tmp_path_factory.mktemp("plain") / f"{family}.onnx"
+        export_onnx(student, tiny_info(student), path, simplify=False)  # value-independent structure
+        out[family] = _graph_signature(path)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"none"}))
+def test_method_with_a_narrower_student(family, method, tmp_path, plain_student_onnx):
+    """Every method works when the student's FPN width, RoI head, proposals and towers differ from the
+    teacher's: finite terms, gradients reach the student and the method's adapters and never the teacher;
+    the student's checkpoint holds only the student, and its ONNX file has no adapter in it."""
+    from test_export import tiny_info
+
+    from detkd.engine.checkpoint import save_model_checkpoint
+    from detkd.export.onnx_export import export_onnx
+    from detkd.training import load_detector
+
+    model = _pair(family, method, NARROW, "mobilenet_v3_small")
+    assert NARROW.fpn_channels != TINY.fpn_channels
+    losses = model(*_batch(2))
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values()), losses
+    distill_terms = [v for k, v in losses.items() if k.startswith("distill/") and v.requires_grad]
+    assert distill_terms
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.backbone.parameters())
+    adapters = [p for p in model.method.parameters() if p.requires_grad]
+    assert adapters, f"{method} has no student-side adapter although the widths differ"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters), "adapters get no gradient"
+    optimizer.step()
+
+    spec = make_spec(family, "mobilenet_v3_small", 3, NARROW)
+    save_model_checkpoint(tmp_path / "student.pt", model.student, {"spec": spec.to_dict(), "category_ids": [1, 2, 3],
+                                                                  "category_names": ["a", "b", "c"]})
+    student, _ = load_detector(tmp_path / "student.pt")  # strict load: exactly the student's keys
+    export_onnx(student, tiny_info(student), tmp_path / "student.onnx", simplify=False)
+    assert _graph_signature(tmp_path / "student.onnx") == plain_student_onnx[family]
 
 
 def test_unknown_method_and_unserved_family():

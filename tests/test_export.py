@@ -5,7 +5,7 @@ import onnx
 import pytest
 import torch
 
-from detkd.config import ModelConfig
+from detkd.config import DetectorConfig
 from detkd.errors import ExportError
 from detkd.export.graph import DeployableDetector, export_size
 from detkd.export.nms import onnx_nms, pad_selection
@@ -20,8 +20,8 @@ SIZE = 64
 
 def tiny_detector(family: str, seed: int = 0, num_classes: int = 3):
     torch.manual_seed(seed)
-    cfg = ModelConfig(family=family, min_size=SIZE, max_size=SIZE, fpn_channels=16, representation_size=32,
-                      rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=50, detections_per_image=20)
+    cfg = DetectorConfig(min_size=SIZE, max_size=SIZE, fpn_channels=16, representation_size=32,
+                         rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=50, detections_per_image=20)
     model = build_detector(make_spec(family, "resnet18", num_classes, cfg)).eval()
     with torch.no_grad():  # random heads score everything ~uniformly; tilt them so that detections pass 0.05
         if family == "retinanet":

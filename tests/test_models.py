@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from detkd.config import BACKBONES, ModelConfig
+from detkd.config import BACKBONES, DetectorConfig
 from detkd.errors import CheckpointError, ConfigError
 from detkd.models.builder import DetectorSpec, build_detector, make_spec
 
-TINY = ModelConfig(min_size=64, max_size=64, fpn_channels=32, representation_size=32, box_batch_size_per_image=16,
-                   rpn_post_nms_top_n_train=50, rpn_post_nms_top_n_test=50)
+TINY = DetectorConfig(min_size=64, max_size=64, fpn_channels=32, representation_size=32, box_batch_size_per_image=16,
+                      rpn_post_nms_top_n_train=50, rpn_post_nms_top_n_test=50)
 
 
 def _batch(n_boxes: int):
@@ -72,3 +72,46 @@ def test_local_weights_load_and_mismatch(tmp_path):
 def test_spec_round_trip():
     spec = make_spec("fasterrcnn", "resnet34", 4, TINY)
     assert DetectorSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_architecture_keys_reach_the_built_detector():
+    cfg = TINY.model_copy(update={"fpn_channels": 16, "representation_size": 24, "rpn_pre_nms_top_n_test": 40,
+                                  "rpn_post_nms_top_n_test": 20, "box_batch_size_per_image": 8, "detections_per_image": 7,
+                                  "head_depth": 2, "topk_candidates": 123})
+    two = build_detector(make_spec("fasterrcnn", "mobilenet_v3_small", 3, cfg))
+    assert two.backbone.out_channels == 16 and two.roi_heads.box_head.fc7.out_features == 24
+    assert two.rpn._pre_nms_top_n["testing"] == 40 and two.rpn._post_nms_top_n["testing"] == 20
+    assert two.roi_heads.fg_bg_sampler.batch_size_per_image == 8 and two.roi_heads.detections_per_img == 7
+    one = build_detector(make_spec("retinanet", "mobilenet_v3_small", 3, cfg))
+    assert len(one.head.classification_head.conv) == 2 and len(one.head.regression_head.conv) == 2
+    assert one.topk_candidates == 123 and one.detections_per_img == 7
+    one.train()
+    losses = one(*_batch(2))
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_checkpoint_spec_from_before_per_role_keys_still_builds():
+    """Checkpoints written before head_depth/topk_candidates existed rebuild with torchvision's defaults."""
+    spec = make_spec("retinanet", "resnet18", 3, TINY).to_dict()
+    for key in ("head_depth", "topk_candidates"):
+        del spec["model"][key]
+    spec["model"]["family"] = "retinanet"  # the old shared section was stored whole
+    model = build_detector(DetectorSpec.from_dict(spec))
+    assert len(model.head.classification_head.conv) == 4 and model.topk_candidates == 1000
+
+
+@pytest.mark.parametrize("backbone", ["regnet_x_400mf", "mobilenet_v3_small"])
+def test_deployment_backbones_take_classification_weights(backbone, tmp_path):
+    """A torchvision classification state dict (e.g. ImageNet weights saved locally) loads into the detector's
+    backbone; its classifier keys are ignored."""
+    import torchvision
+
+    net = getattr(torchvision.models, backbone)(weights=None)
+    with torch.no_grad():
+        next(iter(net.parameters())).fill_(0.123)
+    torch.save(net.state_dict(), tmp_path / "cls.pt")
+    model = build_detector(make_spec("fasterrcnn", backbone, 3, TINY), backbone_weights=str(tmp_path / "cls.pt"))
+    first = next(iter(model.backbone.body.parameters()))
+    assert torch.all(first == 0.123)
+    bn = [m for m in model.backbone.body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and all(m.momentum == 0.1 for m in bn)  # see builder: MobileNet's 0.01 is raised to 0.1

@@ -151,9 +151,21 @@ def test_latency_statistics_known_answers():
     assert len(seconds) == 5 and calls.count(1) == 8  # warm-up calls are not timed
 
 
-def _row(p50):
+def _row(p50, ap=0.5, precision="fp32"):
     return {"p50_ms": p50, "p90_ms": p50, "p99_ms": p50, "mean_ms": p50, "throughput_ips": 1000 / p50, "size_mb": 1.0,
-            "AP": 0.5, "precision": "fp32", "artefact": "x"}
+            "AP": ap, "precision": precision, "artefact": "x"}
+
+
+def _env():
+    return {"cpu": "cpu", "cpu_count": 2, "torch_threads": 2, "onnxruntime_threads": 2, "gpu": None,
+            "versions": {"torch": "t", "onnxruntime": "o", "tensorrt": None}}
+
+
+def _export(models):
+    return {"tensorrt": {"available": False, "reason": "absent"},
+            "models": {n: {"backbone": b, "input_size": 64, "graph": {"size_mb": 2.0}, "engines": {},
+                           "onnx": {"metrics": {"AP": ap}, "ap_gate": ap_gate(ap, ap, 0.005), "passed": True}}
+                       for n, b, ap in models}}
 
 
 def test_targets_use_the_fastest_cpu_backend_per_model():
@@ -162,22 +174,69 @@ def test_targets_use_the_fastest_cpu_backend_per_model():
     targets = check_targets(results)
     s = targets["speedup"]["batch1"]
     assert s["teacher_backend"] == "onnxruntime-cpu" and s["student_backend"] == "torch-cpu"
-    assert s["speedup"] == pytest.approx(80 / 30) and s["met"]
+    assert s["speedup"] == pytest.approx(80 / 30) and not s["met"]  # target 3x
     assert targets["onnxruntime_vs_torch_cpu"]["teacher"]["batch1"]["met"]
     assert not targets["onnxruntime_vs_torch_cpu"]["distilled"]["batch1"]["met"]
-    env = {"cpu": "cpu", "cpu_count": 2, "torch_threads": 2, "onnxruntime_threads": 2, "gpu": None,
-           "versions": {"torch": "t", "onnxruntime": "o", "tensorrt": None}}
-    report = {"environment": env, "results": results, "skipped": {"tensorrt": "absent"}, "targets": targets}
+    report = {"environment": _env(), "results": results, "skipped": {"tensorrt": "absent"}, "targets": targets}
     text = markdown(report)
     assert "| distilled | torch-cpu | 1 | 30.0 |" in text and "2.67x faster" in text and "tensorrt: absent" in text
-    export = {"tensorrt": {"available": False, "reason": "absent"},
-              "models": {n: {"backbone": b, "input_size": 64, "graph": {"size_mb": 2.0}, "engines": {},
-                             "onnx": {"metrics": {"AP": ap}, "ap_gate": ap_gate(ap, ap, 0.005)}}
-                         for n, b, ap in (("teacher", "resnet34", 0.5), ("distilled", "resnet18", 0.4))}}
+    results["student"] = {"torch-cpu": {"batch1": _row(31)}, "onnxruntime-cpu": {"batch1": _row(44)}}
+    export = _export((("teacher", "resnet34", 0.5), ("student", "mobilenet_v3_large", 0.3),
+                      ("distilled", "mobilenet_v3_large", 0.4)))
     summary = build_summary({"teacher": {"AP": 0.5}, "student": {"AP": 0.3}, "distilled": {"AP": 0.4}}, export, report)
-    assert "| baseline student | resnet18 | 0.300 |" in summary
-    assert "| distilled student | resnet18 | 0.400 | 0.400 | 30.0 | 45.0 | 2.0 |" in summary
+    assert "| baseline student | mobilenet_v3_large | 0.300 | 0.300 | 31.0 | 44.0 | 2.0 |" in summary
+    assert "| distilled student | mobilenet_v3_large | 0.400 | 0.400 | 30.0 | 45.0 | 2.0 |" in summary
     assert "2.67x (torch-cpu 30.0 ms vs onnxruntime-cpu 80.0 ms)" in summary
+    assert "Target distilled AP >= 0.85 of the teacher's: 0.80, not met" in summary
+
+
+def test_headline_numbers_are_flat_and_use_the_fastest_fp32_cpu_row():
+    from detkd.summary import headline
+
+    results = {"teacher": {"torch-cpu": {"batch1": _row(100)}, "onnxruntime-cpu": {"batch1": _row(60)},
+                           "onnxruntime-cuda": {"batch1": _row(5)}},  # a GPU row is no CPU row
+               "student": {"onnxruntime-cpu": {"batch1": _row(20)}},
+               "distilled": {"onnxruntime-cpu": {"batch1": _row(20)},
+                             "openvino-cpu": {"batch1": _row(8, precision="int8")}}}  # INT8 is not FP32
+    export = _export((("teacher", "resnet34", 0.5), ("distilled", "mobilenet_v3_large", 0.45)))
+    numbers = headline({"teacher": {"AP": 0.5}, "student": {"AP": 0.36}, "distilled": {"AP": 0.45}}, export,
+                       {"results": results})
+    assert numbers == {"teacher_ap": 0.5, "baseline_ap": 0.36, "distilled_ap": 0.45, "ap_ratio": 0.9,
+                       "distill_gain": 0.09, "teacher_p50_ms": 60.0, "baseline_p50_ms": 20.0, "distilled_p50_ms": 20.0,
+                       "speedup_b1": 3.0, "teacher_onnx_mb": 2.0, "distilled_onnx_mb": 2.0, "gates_passed": 1}
+    export["models"]["distilled"]["onnx"]["passed"] = False
+    assert headline({"teacher": {"AP": 0.5}, "student": {"AP": 0.36}, "distilled": {"AP": 0.45}}, export,
+                    {"results": results})["gates_passed"] == 0
+
+
+def test_frontier_has_a_point_per_artefact_arrows_and_sizes(tmp_path):
+    from detkd.frontier import build_frontier, write
+
+    results = {"teacher": {"onnxruntime-cpu": {"batch1": _row(30, 0.5)}, "torch-cpu": {"batch1": _row(60, 0.5)}},
+               "student": {"onnxruntime-cpu": {"batch1": _row(6, 0.35)}, "torch-cpu": {"batch1": _row(15, 0.35)}},
+               "distilled": {"onnxruntime-cpu": {"batch1": _row(6.1, 0.45), "batch8": _row(40, 0.45)},
+                             "torch-cpu": {"batch1": _row(15, 0.45)},
+                             "openvino-cpu": {"batch1": _row(3, 0.44, "int8")}}}
+    summary = {"teacher_ap": 0.5, "baseline_ap": 0.35, "distilled_ap": 0.45, "teacher_p50_ms": 30.0,
+               "baseline_p50_ms": 6.0, "distilled_p50_ms": 6.1}
+    sizes = {"sizes": [{"name": "small", "baseline_ap": 0.2, "distilled_ap": 0.3, "baseline_p50_ms": 3.0,
+                        "distilled_p50_ms": 3.1, "cpu": "cpu"},
+                       {"name": "large", "baseline_ap": 0.4, "distilled_ap": 0.47, "baseline_p50_ms": 12.0,
+                        "distilled_p50_ms": 12.2, "cpu": "other cpu"}]}
+    report = build_frontier({"environment": _env(), "results": results}, summary, sizes)
+    assert len(report["points"]) == 7  # every batch-1 row, whatever its backend or precision; no batch-8 row
+    assert {(p["model"], p["backend"], p["precision"]) for p in report["points"]} >= {("distilled", "openvino-cpu", "int8")}
+    assert sorted((a["backend"], round(a["ap_gain"], 3)) for a in report["arrows"]) == [("onnxruntime-cpu", 0.1),
+                                                                                         ("torch-cpu", 0.1)]
+    assert [s["name"] for s in report["sizes"]] == ["small", "default", "large"]  # ordered by latency
+    write(report, tmp_path / "frontier.json")
+    md = (tmp_path / "frontier.md").read_text()
+    assert "| large (measured on other cpu) | 12.0 / 12.2 | 0.400 | 0.470 | +0.070 | 0.94 |" in md
+    assert "| default (this run) | 6.0 / 6.1 | 0.350 | 0.450 | +0.100 | 0.90 |" in md
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match=r"record 'bad' lacks \['distilled_ap'"):
+        build_frontier({"environment": _env(), "results": results}, summary,
+                       {"sizes": [{"name": "bad", "baseline_ap": 0.1, "baseline_p50_ms": 1.0, "distilled_p50_ms": 1.0}]})
 
 
 def test_triton_repository_declares_the_contract(onnx_model, tmp_path):

@@ -18,7 +18,9 @@ def test_smoke_pipeline_runs_every_stage_tracks_and_is_cached(tmp_path):
                  "reports/train/teacher.csv", "reports/pr/student.json",
                  "reports/pr_curves.png", "reports/data_preview.png", "reports/eval.md", "dvc.lock",
                  "models/export/teacher.onnx", "models/export/distilled.onnx", "reports/export.json",
-                 "reports/benchmark.json", "reports/benchmark.md", "reports/benchmark.png", "reports/summary.md"):
+                 "reports/benchmark.json", "reports/benchmark.md", "reports/benchmark.png", "reports/summary.md",
+                 "models/export/student.onnx", "reports/summary.json", "reports/frontier.json", "reports/frontier.md",
+                 "reports/frontier.png"):
         assert (tmp_path / path).is_file(), path
     # a second `dvc repro` has nothing to do
     assert "up to date" in summary["status"]
@@ -49,12 +51,28 @@ def test_smoke_pipeline_runs_every_stage_tracks_and_is_cached(tmp_path):
     import json
 
     export = json.loads((tmp_path / "reports/export.json").read_text())
-    assert set(export["models"]) == {"teacher", "distilled"}
+    assert set(export["models"]) == {"teacher", "student", "distilled"}
     assert all(m["onnx"]["passed"] and m["graph"]["tensorrt_static_check"]["passed"] for m in export["models"].values())
     assert "available" in export["tensorrt"]
     bench = json.loads((tmp_path / "reports/benchmark.json").read_text())
     row = bench["results"]["distilled"]["onnxruntime-cpu"]["batch2"]
     assert row["p50_ms"] > 0 and row["AP"] == export["models"]["distilled"]["onnx"]["metrics"]["AP"]
     assert "distilled student" in (tmp_path / "reports/summary.md").read_text()
+    # headline numbers: flat and numeric; the frontier has a point per measured artefact, arrows baseline -> distilled
+    headline = json.loads((tmp_path / "reports/summary.json").read_text())
+    assert {"teacher_ap", "baseline_ap", "distilled_ap", "ap_ratio", "distill_gain", "speedup_b1", "teacher_p50_ms",
+            "distilled_p50_ms"} <= set(headline)
+    assert all(isinstance(v, (int, float)) for v in headline.values())
+    assert headline["speedup_b1"] == pytest.approx(headline["teacher_p50_ms"] / headline["distilled_p50_ms"], rel=1e-2)
+    frontier = json.loads((tmp_path / "reports/frontier.json").read_text())
+    measured = {(m, b) for m, backends in bench["results"].items() for b, rows in backends.items() if "batch1" in rows}
+    assert {(p["model"], p["backend"]) for p in frontier["points"]} == measured
+    assert {a["backend"] for a in frontier["arrows"]} == {b for m, b in measured if m == "student"}
+    # the student is built from its own section (narrower than the teacher), and export rebuilt it from the checkpoint
+    import torch
+
+    meta = torch.load(tmp_path / "models/student_distilled.pt", weights_only=True)["meta"]
+    assert meta["spec"]["backbone"] == "mobilenet_v3_small" and meta["spec"]["model"]["fpn_channels"] == 16
+    assert export["models"]["distilled"]["backbone"] == "mobilenet_v3_small"
     version = client.get_model_version_by_alias("detkd-student", "deployable")
     assert version.run_id == stages["export"].info.run_id

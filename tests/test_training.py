@@ -96,3 +96,27 @@ def test_schedule_warmup_and_cosine():
     assert lr_factor(100, 100, cfg) == pytest.approx(0.0)
     step = TrainConfig(warmup_iters=0, schedule="step", step_milestones=[0.5, 0.75])
     assert [lr_factor(i, 100, step) for i in (0, 50, 80)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+def test_teacher_notes_say_which_architecture_is_used_and_warn_about_wide_students():
+    from detkd.config import parse_params
+    from detkd.models.builder import make_spec
+    from detkd.training import teacher_notes
+
+    params = parse_params({"teacher": {"backbone": "resnet34", "fpn_channels": 64},
+                           "student": {"backbone": "resnet18", "fpn_channels": 32}})
+    teacher_spec = make_spec("fasterrcnn", "resnet34", 4, params.detector_config("teacher"))
+    student_spec = make_spec("fasterrcnn", "resnet18", 4, params.detector_config("student"))
+    assert teacher_notes(params, student_spec, {"spec": teacher_spec.to_dict()}, "t.pt") == []
+
+    other = make_spec("fasterrcnn", "resnet50", 4, params.detector_config("teacher").model_copy(update={"fpn_channels": 96}))
+    notes = teacher_notes(params, student_spec, {"spec": other.to_dict()}, "t.pt")
+    assert len(notes) == 1 and "\n" not in notes[0]
+    assert "using the teacher as built in t.pt: backbone=resnet50 (params: resnet34), fpn_channels=96 (params: 64)" in notes[0]
+
+    wide = make_spec("fasterrcnn", "resnet18", 4, params.detector_config("student").model_copy(
+        update={"fpn_channels": 128, "representation_size": 512, "head_depth": 4}))
+    notes = teacher_notes(params, wide, {"spec": teacher_spec.to_dict()}, "t.pt")
+    assert len(notes) == 1 and "student is wider or deeper than its teacher on fpn_channels (128 > 64), " \
+        "representation_size (512 > 256)" in notes[0]
+    assert "head_depth" not in notes[0]  # a RetinaNet key says nothing about a Faster R-CNN

@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from detkd.errors import ConfigError
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large")
+BACKBONE_NAMES = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "mobilenet_v3_small",
+                         "regnet_x_400mf", "regnet_x_800mf"]
+BACKBONES = BACKBONE_NAMES.__args__
 FAMILIES = ("fasterrcnn", "retinanet")
 
 
@@ -72,13 +74,11 @@ class DataConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
-    """Detector settings shared by teacher and student (they must see the same input)."""
+class _SharedInput(_Section):
+    """What teacher and student must share: the input they see, its normalisation, the anchors."""
 
-    family: Literal["fasterrcnn", "retinanet"] = "fasterrcnn"
     min_size: int = Field(128, ge=32)
     max_size: int = Field(128, ge=32)
-    fpn_channels: int = Field(128, ge=8)
     # One base anchor size (px, in the resized input) per pyramid level: P2..P6 for Faster R-CNN,
     # P3..P7 for RetinaNet (which adds the octave scales 2^0, 2^(1/3), 2^(2/3) of each).
     anchor_sizes: list[float] = Field(default_factory=lambda: [8.0, 16.0, 32.0, 64.0, 128.0], min_length=5, max_length=5)
@@ -86,17 +86,10 @@ class ModelConfig(_Section):
     image_mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406], min_length=3, max_length=3)
     image_std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225], min_length=3, max_length=3)
     rpn_batch_size_per_image: int = Field(256, ge=1)
-    rpn_pre_nms_top_n_train: int = Field(1000, ge=1)
-    rpn_post_nms_top_n_train: int = Field(500, ge=1)
-    rpn_pre_nms_top_n_test: int = Field(500, ge=1)
-    rpn_post_nms_top_n_test: int = Field(300, ge=1)
-    box_batch_size_per_image: int = Field(64, ge=1)
-    representation_size: int = Field(256, ge=8)
-    detections_per_image: int = Field(100, ge=1)
     score_threshold: float = Field(0.05, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _positive(self) -> "ModelConfig":
+    def _positive(self) -> "_SharedInput":
         for name in ("anchor_sizes", "aspect_ratios", "image_std"):
             values = getattr(self, name)
             if any(v <= 0 for v in values):
@@ -106,12 +99,85 @@ class ModelConfig(_Section):
         return self
 
 
-class NetworkConfig(_Section):
-    """One detector (teacher or student): its backbone and optional local weights."""
+class ModelConfig(_SharedInput):
+    """The ``model`` section: the detector family and what teacher and student share (distillation compares
+    their pyramids level by level on one batch). What changes a network's cost is per role (``NetworkConfig``)."""
 
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"]
+    family: Literal["fasterrcnn", "retinanet"] = "fasterrcnn"
+
+
+class TwoStageArch(_Section):
+    """Per-role cost of a Faster R-CNN: RPN proposals kept (train and test), RoIs sampled per image for the
+    box head's loss, and the box head's representation size (its two FC layers)."""
+
+    representation_size: int = Field(256, ge=8, le=4096)
+    rpn_pre_nms_top_n_train: int = Field(1000, ge=1, le=100000)
+    rpn_post_nms_top_n_train: int = Field(500, ge=1, le=100000)
+    rpn_pre_nms_top_n_test: int = Field(500, ge=1, le=100000)
+    rpn_post_nms_top_n_test: int = Field(300, ge=1, le=100000)
+    box_batch_size_per_image: int = Field(64, ge=1, le=100000)  # sampled RoIs per image (training)
+
+    @model_validator(mode="after")
+    def _post_le_pre(self) -> "TwoStageArch":
+        for phase in ("train", "test"):
+            pre, post = getattr(self, f"rpn_pre_nms_top_n_{phase}"), getattr(self, f"rpn_post_nms_top_n_{phase}")
+            if post > pre:
+                raise ValueError(f"rpn_post_nms_top_n_{phase} ({post}) must be <= rpn_pre_nms_top_n_{phase} ({pre})")
+        return self
+
+
+class OneStageArch(_Section):
+    """Per-role cost of a RetinaNet: depth of its classification and box towers (their width is the FPN
+    width), and the candidates per level kept before NMS at inference."""
+
+    head_depth: int = Field(4, ge=1, le=4)  # torchvision builds 4 convs per tower; fewer are cheaper
+    topk_candidates: int = Field(1000, ge=1, le=100000)
+
+
+class NetworkConfig(_Section):
+    """One detector (teacher or student): backbone, optional local weights, and the architecture keys that
+    change its cost. ``fasterrcnn`` / ``retinanet`` hold the keys of one family each; only the section of
+    ``model.family`` is used, so switching family needs no edit here."""
+
+    backbone: BACKBONE_NAMES
     weights: Optional[str] = None  # a full-detector state dict (.pt), loaded with weights_only=True
     backbone_weights: Optional[str] = None  # a backbone-only (classification) state dict
+    fpn_channels: int = Field(128, ge=8, le=1024)  # FPN width (and RetinaNet's head width)
+    fpn_norm: bool = False  # BatchNorm after every FPN conv (keeps from-scratch light backbones' features in scale)
+    detections_per_image: int = Field(100, ge=1, le=10000)
+    fasterrcnn: TwoStageArch = TwoStageArch()
+    retinanet: OneStageArch = OneStageArch()
+
+
+class DetectorConfig(_SharedInput):
+    """Everything that builds one detector: ``model`` (shared) merged with one role's architecture keys.
+    Stored flat in every checkpoint's ``DetectorSpec``; evaluate, export and benchmark rebuild from it."""
+
+    fpn_channels: int = Field(128, ge=8)
+    fpn_norm: bool = False
+    detections_per_image: int = Field(100, ge=1)
+    # two-stage
+    representation_size: int = Field(256, ge=8)
+    rpn_pre_nms_top_n_train: int = Field(1000, ge=1)
+    rpn_post_nms_top_n_train: int = Field(500, ge=1)
+    rpn_pre_nms_top_n_test: int = Field(500, ge=1)
+    rpn_post_nms_top_n_test: int = Field(300, ge=1)
+    box_batch_size_per_image: int = Field(64, ge=1)
+    # one-stage
+    head_depth: int = Field(4, ge=1)
+    topk_candidates: int = Field(1000, ge=1)
+
+
+def detector_config(model: ModelConfig, network: NetworkConfig) -> DetectorConfig:
+    """The shared ``model`` section merged with one role's architecture keys (its family's section only)."""
+    shared = model.model_dump(exclude={"family"})
+    role = network.model_dump(include={"fpn_channels", "fpn_norm", "detections_per_image"})
+    family = getattr(network, model.family).model_dump()
+    return DetectorConfig.model_validate({**shared, **role, **family})
+
+
+# Keys whose larger value makes a network wider or deeper; a student above its teacher on one is warned about.
+WIDTH_KEYS = ("fpn_channels", "representation_size", "head_depth")
 
 
 class TrainConfig(_Section):
@@ -211,6 +277,22 @@ class BenchmarkConfig(_Section):
         return self
 
 
+class FrontierConfig(_Section):
+    """``make frontier``: more student sizes, each trained as baseline and distilled student in a DVC
+    experiment. A size is a set of overrides of the ``student`` section (same keys, nested the same way)."""
+
+    sizes: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names(self) -> "FrontierConfig":
+        import re
+
+        for name in self.sizes:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,30}", name):
+                raise ValueError(f"size name {name!r} must be lower-case letters, digits, '-' or '_' (it names an experiment)")
+        return self
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
@@ -223,6 +305,30 @@ class Params(_Section):
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
+    frontier: FrontierConfig = FrontierConfig()
+
+    @model_validator(mode="after")
+    def _frontier_sizes_are_students(self) -> "Params":
+        for name, override in self.frontier.sizes.items():
+            try:
+                NetworkConfig.model_validate(deep_merge(self.student.model_dump(), override))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                loc = ".".join(str(p) for p in err["loc"])
+                if err["type"] == "extra_forbidden":
+                    raise ValueError(f"frontier.sizes.{name}.{loc}: unknown key; a size overrides keys of the student "
+                                     f"section{_where_it_belongs(('student', *err['loc']))}") from None
+                shown = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
+                raise ValueError(f"frontier.sizes.{name}.{loc}: {err['msg'].removeprefix('Value error, ')}{shown}") from None
+        return self
+
+    def student_size(self, name: str) -> NetworkConfig:
+        """The ``student`` section with ``frontier.sizes.<name>`` merged in."""
+        return NetworkConfig.model_validate(deep_merge(self.student.model_dump(), self.frontier.sizes[name]))
+
+    def detector_config(self, role: str) -> DetectorConfig:
+        """The full architecture of ``role`` (``teacher`` or ``student``): shared ``model`` + its own keys."""
+        return detector_config(self.model, getattr(self, role))
 
     def stage_seed(self, role: str) -> int:
         """Seed of the ``train_<role>`` stage: its own ``seed`` when set, else the top-level one."""
@@ -249,10 +355,29 @@ def _format_error(source: str, err: dict, model: type[BaseModel]) -> str:
             field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
             parent = field.annotation if field is not None else None
         allowed = sorted(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
-        return f"{source}: unknown key '{loc}'; allowed keys here: {', '.join(allowed)}"
+        return f"{source}: unknown key '{loc}'; allowed keys here: {', '.join(allowed)}{_where_it_belongs(err['loc'])}"
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"{source}: {loc or '<top level>'}: {err['msg']}{shown}"
+    message = err["msg"].removeprefix("Value error, ")
+    if not loc:  # a rule across sections: its message names the keys
+        return f"{source}: {message}"
+    return f"{source}: {loc}: {message}{shown}"
+
+
+def _where_it_belongs(loc: tuple) -> str:
+    """A hint for an architecture key put in the wrong section (``model.fpn_channels``, a Faster R-CNN key
+    under ``retinanet``...): where that key lives, or "" when it is no architecture key."""
+    key = str(loc[-1])
+    homes = {name: "" for name in ("fpn_channels", "fpn_norm", "detections_per_image")}
+    homes.update({name: ".fasterrcnn" for name in TwoStageArch.model_fields})
+    homes.update({name: ".retinanet" for name in OneStageArch.model_fields})
+    if key not in homes:
+        return ""
+    role = str(loc[0]) if str(loc[0]) in ("teacher", "student") else None
+    roles = [role] if role else ["teacher", "student"]
+    family = homes[key].lstrip(".") or "both families"
+    return (f" ({key} is an architecture key of {family}, set per role: "
+            + " / ".join(f"{r}{homes[key]}.{key}" for r in roles) + ")")
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:

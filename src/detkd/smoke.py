@@ -27,10 +27,11 @@ from detkd.config import deep_merge, parse_params
 SMOKE_OVERRIDES = {
     "data": {"synthetic": {"num_train": 12, "num_val": 6, "image_size": 64, "max_object_size": 30.0, "max_objects": 4,
                            "num_classes": 4}},
-    "model": {"min_size": 64, "max_size": 64, "fpn_channels": 32, "representation_size": 64,
-              "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 32},
-    "teacher": {"backbone": "resnet18"},
-    "student": {"backbone": "mobilenet_v3_large"},
+    "model": {"min_size": 64, "max_size": 64},
+    "teacher": {"backbone": "resnet18", "fpn_channels": 32,
+                "fasterrcnn": {"representation_size": 64, "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 32}},
+    "student": {"backbone": "mobilenet_v3_small", "fpn_channels": 16,
+                "fasterrcnn": {"representation_size": 32, "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 32}},
     "train_teacher": {"epochs": 1, "batch_size": 4, "warmup_iters": 1, "checkpoint_every": 2, "log_every": 1},
     "train_student": {"epochs": 1, "batch_size": 4, "warmup_iters": 1, "checkpoint_every": 2, "log_every": 1},
     "eval": {"batch_size": 4},
@@ -60,6 +61,8 @@ def run_smoke(repo: Path, workdir: Path, extra_overrides: Optional[dict] = None)
     raw = deep_merge(raw, extra_overrides or {})
     parse_params(raw, "smoke params")  # fail fast on a bad override
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (workdir / "reports").mkdir(exist_ok=True)
+    (workdir / "reports" / "frontier_sizes.json").write_text('{"sizes": []}\n')  # no `make frontier` here
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'smoke-mlflow.db'}", "DETKD_PIPELINE_ID": "smoke",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "smoke", "GIT_AUTHOR_EMAIL": "smoke@localhost",

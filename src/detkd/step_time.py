@@ -65,7 +65,7 @@ def measure_step_times(params: Params, data_dir: str | Path, teacher_path: str |
     schedule = params.train_student
     seed = params.stage_seed("student")
     index = open_split(data_dir, "train", params.data.min_box_size)
-    spec = make_spec(params.model.family, params.student.backbone, index.num_classes, params.model)
+    spec = make_spec(params.model.family, params.student.backbone, index.num_classes, params.detector_config("student"))
     seed_everything(seed)
     student = build_detector(spec, params.student.weights, params.student.backbone_weights)
     baseline = _Trainee(copy.deepcopy(student), schedule, device)

@@ -40,7 +40,7 @@ def train_detector(
     network = getattr(params, role)
     schedule = getattr(params, f"train_{role}")
     index = open_split(data_dir, "train", params.data.min_box_size)
-    spec = make_spec(params.model.family, network.backbone, index.num_classes, params.model)
+    spec = make_spec(params.model.family, network.backbone, index.num_classes, params.detector_config(role))
     seed = params.stage_seed(role)
     seed_everything(seed)
     model = build_detector(spec, network.weights, network.backbone_weights)
@@ -88,6 +88,8 @@ def build_distillation_model(params: Params, student: torch.nn.Module, spec, ind
 
     method_name, hparams = params.distill.method, params.distill.hparams()
     teacher, teacher_meta = load_detector(teacher_path)
+    for line in teacher_notes(params, spec, teacher_meta, teacher_path):
+        print(line)
     student_meta = {"category_ids": index.category_ids}
     check_compatible(student, teacher, student_meta, teacher_meta)
     method = build_method(method_name, spec.family, spec.model["fpn_channels"],
@@ -95,6 +97,43 @@ def build_distillation_model(params: Params, student: torch.nn.Module, spec, ind
     meta = {"method": method_name, "hparams": hparams, "teacher": str(teacher_path),
             "teacher_backbone": teacher_meta["spec"]["backbone"]}
     return DistillationModel(student, teacher, method), meta
+
+
+def teacher_notes(params: Params, student_spec, teacher_meta: dict, teacher_path) -> list[str]:
+    """One line per thing a user should know about the teacher that distillation uses: its checkpoint's
+    architecture differs from what params say (the checkpoint's is used: its weights fit only that), or the
+    student is set wider or deeper than the teacher on a key (allowed, but rarely what compression wants)."""
+    from detkd.models.builder import DetectorSpec, make_spec
+
+    teacher_spec = DetectorSpec.from_dict(teacher_meta["spec"])
+    declared = make_spec(params.model.family, params.teacher.backbone, teacher_spec.num_classes,
+                         params.detector_config("teacher"))
+    lines = []
+    differ = [(k, teacher_spec.model.get(k), v) for k, v in declared.model.items() if teacher_spec.model.get(k) != v]
+    if teacher_spec.backbone != declared.backbone:
+        differ.insert(0, ("backbone", teacher_spec.backbone, declared.backbone))
+    if differ:
+        shown = ", ".join(f"{k}={ckpt} (params: {want})" for k, ckpt, want in differ[:4])
+        lines.append(f"distill: warning: using the teacher as built in {teacher_path}: {shown}"
+                     f"{' ...' if len(differ) > 4 else ''}; its weights fit only its own architecture "
+                     "(re-run train_teacher to apply params)")
+    from detkd.config import WIDTH_KEYS
+
+    wider = [k for k in WIDTH_KEYS if student_spec.model.get(k, 0) > teacher_spec.model.get(k, 0)
+             and _family_key(k, student_spec.family)]
+    if wider:
+        lines.append("distill: warning: the student is wider or deeper than its teacher on "
+                     + ", ".join(f"{k} ({student_spec.model[k]} > {teacher_spec.model[k]})" for k in wider)
+                     + "; allowed, but the student is meant to be the cheaper network")
+    return lines
+
+
+def _family_key(key: str, family: str) -> bool:
+    """Whether architecture key ``key`` means anything for ``family``."""
+    from detkd.config import OneStageArch, TwoStageArch
+
+    other = OneStageArch if family == "fasterrcnn" else TwoStageArch
+    return key not in other.model_fields
 
 
 def load_detector(path: str | Path, device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, dict]:

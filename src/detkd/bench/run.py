@@ -26,8 +26,12 @@ from detkd.data.dataset import open_split
 from detkd.runtime.metadata import ModelInfo, read_model_info
 from detkd.runtime.preprocess import letterbox, read_image
 
-CPU_BACKENDS = ("torch-cpu", "onnxruntime-cpu")
-MIN_SPEEDUP = 2.0
+MIN_SPEEDUP = 3.0  # distilled student vs teacher, batch 1... each on its fastest FP32 CPU backend
+
+
+def is_cpu_backend(backend: str) -> bool:
+    """CPU backends are named ``<runtime>-cpu`` (torch-cpu, onnxruntime-cpu, ...)."""
+    return backend.endswith("-cpu")
 
 
 def cpu_name() -> str:
@@ -104,8 +108,13 @@ def run_benchmark(params: Params, checkpoints: dict[str, str], export_report: di
             "skipped": skipped, "targets": check_targets(results)}
 
 
-def fastest(results: dict, model: str, batch: str, backends=CPU_BACKENDS) -> tuple[str, float] | None:
-    options = [(b, results[model][b][batch]["p50_ms"]) for b in backends if batch in results.get(model, {}).get(b, {})]
+def fastest(results: dict, model: str, batch: str, backends=None, precision: str | None = "fp32") -> tuple[str, float] | None:
+    """(backend, p50 ms) of ``model``'s fastest row at ``batch`` among ``backends`` (default: the CPU
+    backends) at ``precision`` (default FP32; None = any), or None when there is no such row."""
+    rows = results.get(model, {})
+    names = [b for b in rows if is_cpu_backend(b)] if backends is None else backends
+    options = [(b, rows[b][batch]["p50_ms"]) for b in names if batch in rows.get(b, {})
+               and (precision is None or rows[b][batch].get("precision", "fp32") == precision)]
     return min(options, key=lambda kv: kv[1]) if options else None
 
 

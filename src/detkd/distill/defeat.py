@@ -12,6 +12,10 @@ sampler; both RoI heads classify those RoIs; KL(p_T || p_S) summed over classes 
 over positive (teacher-assigned) and negative RoIs:
     L_head = beta_obj / K_obj * sum_pos KL + beta_bg / K_bg * sum_neg KL   (temperature tau, times tau^2).
 
+Adapters (student side, trained with the student, never exported): ``adapters``, one 3x3 conv per FPN level
+(student width -> teacher width, near-zero initialised), always present. The head term compares logits over
+the same K+1 classes, so differing RoI-head sizes need no adapter.
+
 Choices and deviations (tested):
 - ``level_base`` (56 in the code, tuned for 800-1333 px COCO inputs) is a hyper-parameter: boxes are
   assigned by size relative to it, so small inputs need a proportionally smaller base.

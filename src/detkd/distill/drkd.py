@@ -9,6 +9,12 @@ P3, P4 for RetinaNet; all GT on both levels), per image an embedded-Gaussian rel
 filter on each side:  L_IR = sum_levels sum_images || A'(z_S) - z_T ||_F  (weight 4e-3), and the plain
 instance imitation  L_INS = sum_levels sum_images || A''(R_S) - R_T ||_F  (weight 2.4e-3).
 
+Adapters (student side, trained with the student, never exported): ``pixel_adapters`` (1x1 per level),
+``relation_adapters`` and ``instance_adapters`` (1x1 on the 3x3 instance maps), all student width ->
+teacher width, plus the student-side units ``student_glore`` and ``student_relation`` (student width).
+The teacher-side units ``teacher_glore`` / ``teacher_relation`` (teacher width) are trained too but only
+ever see the frozen teacher's features. None of them is part of the student network.
+
 Choices (documented, tested):
 - The relation filter is *learned* (paper intent), not the released code's fresh random ``nn.Linear``
   per call: M = row-softmax of scaled dot products of small learned projections of the instances,

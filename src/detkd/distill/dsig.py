@@ -17,6 +17,11 @@ FPNs with the multi-scale RoIAlign; node and edge terms without fg/bg split (``w
 FPN MSE (0.5), and the head KD: softmax KL over the class logits on non-ignored anchors (``w_logits`` 1.0)
 and L1 on the deltas of positive anchors divided by their number (``w_deltas`` 1.0).
 
+Adapters (student side, trained with the student, never exported), present only when the FPN widths
+differ (identity otherwise, as in the paper): ``roi_adapter``, a 1x1 conv on the student's pooled node
+features; ``fpn_adapters``, one 1x1 conv per level for the FPN term. The RoI logits and deltas need none:
+both heads predict the same K+1 classes whatever their representation sizes.
+
 Deviations (tested or stated): node and edge terms are summed over images as in the code, so their scale
 grows with images per batch (the code used 2 per GPU); RoIAlign is torchvision's (aligned=False) rather
 than detectron2's ROIAlignV2; with differing FPN widths a 1x1 student adapter maps pooled features

@@ -2,6 +2,9 @@
 ablation): L = weight * sum_l MSE_mean(A_l(F_S^l), F_T^l) with a 1x1 student adapter per level.
 
 Baseline for the detection-specific methods: no mask, no RoIs, every level and pixel weighted alike.
+
+Adapters (student side, trained with the student, never exported): ``adapters``, one 1x1 conv per FPN level
+(student FPN width -> teacher FPN width), always present.
 """
 
 from __future__ import annotations

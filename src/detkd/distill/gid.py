@@ -15,6 +15,10 @@ Selection is detached. On the general instances (GIs):
               BCE-with-logits(z_S, sigmoid(z_T)) summed over classes and masked anchors / N_M  (w 0.1)
               + L1 on their deltas / N_M                                                     (w 1.0)
 
+Adapters (student side, trained with the student, never exported): ``adapter``, a 1x1 conv on the
+student's pooled GI features, present only when the FPN widths differ (identity otherwise). The response
+terms compare the dense heads' outputs, which have the same shape whatever the widths.
+
 Choices (documented deviations): ``min_box_side`` is a hyper-parameter (10 px at COCO resolution is too
 large for small inputs); RoIAlign is torchvision's multi-scale pooler (aligned=False, its level rule)
 rather than ROIAlignV2; a student 1x1 adapter is applied when FPN widths differ (the reproduction's

@@ -12,6 +12,10 @@ Relation term on the classification branch (RetinaNet's cls tower, Faster R-CNN'
 after adaptive average pooling to at most ``relation_size`` x ``relation_size`` (bounds memory):
     G = cosine-similarity matrix of the pixels [HW, HW];   L_rel = sum_l MSE_mean(G_S, G_T)
 Total: w_mask * L_mask + w_relation * L_rel. The weights are starting points to tune.
+
+Adapters (student side, trained with the student, never exported): ``adapters``, one 1x1 conv per FPN level
+(student width -> teacher width). The relation term compares HW x HW pixel affinities, which do not depend
+on the channel count, so it needs none.
 """
 
 from __future__ import annotations

@@ -9,18 +9,25 @@ up level by level (what distillation needs):
 - ``retinanet``:  FPN levels '0'..'2' = P3..P5 (strides 8..32) + 'p6', 'p7' (strides 64, 128).
 
 Labels are contiguous 1..K with 0 reserved for background, so both families get ``K + 1`` classes.
+
+MobileNetV3's BatchNorm layers get momentum 0.1 (as ResNet's) instead of torchvision's 0.01: the latter is
+tuned for hundreds of ImageNet epochs, and after a short from-scratch schedule the running statistics
+still sit near their initial values, so the eval-mode network is far worse than the trained one.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Optional
 
 import torch
+from pydantic import ValidationError
 from torch import nn
-from torchvision.models import mobilenet_v3_large, resnet18, resnet34, resnet50, resnet101
+from torchvision.models import (mobilenet_v3_large, mobilenet_v3_small, regnet_x_400mf, regnet_x_800mf, resnet18,
+                                resnet34, resnet50, resnet101)
 from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -28,14 +35,18 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from detkd.config import BACKBONES, FAMILIES, ModelConfig
+from detkd.config import BACKBONES, FAMILIES, DetectorConfig
 from detkd.engine.checkpoint import load_state_dict_file
 from detkd.errors import CheckpointError, ConfigError
 
 _RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet101": resnet101}
-# Indices into torchvision's MobileNetV3 stage list whose outputs have strides 4, 8, 16, 32.
+_MOBILENETS = {"mobilenet_v3_large": mobilenet_v3_large, "mobilenet_v3_small": mobilenet_v3_small}
+_REGNETS = {"regnet_x_400mf": regnet_x_400mf, "regnet_x_800mf": regnet_x_800mf}
+# Indices into torchvision's MobileNetV3 stage list (stem, each down-sampling block, last conv) whose
+# outputs have strides 4, 8, 16, 32: the same for the large and the small network.
 _MOBILENET_STAGES = {4: 1, 8: 2, 16: 3, 32: 5}
 FPN_STRIDES = {"fasterrcnn": (4, 8, 16, 32), "retinanet": (8, 16, 32)}
+MOBILENET_BN_MOMENTUM = 0.1
 
 
 @dataclass(frozen=True)
@@ -45,7 +56,7 @@ class DetectorSpec:
     family: str
     backbone: str
     num_classes: int  # foreground classes K
-    model: dict = field(default_factory=dict)  # ModelConfig as a plain dict
+    model: dict = field(default_factory=dict)  # DetectorConfig as a plain dict (shared + the role's keys)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +66,8 @@ class DetectorSpec:
         return cls(data["family"], data["backbone"], int(data["num_classes"]), dict(data["model"]))
 
 
-def make_spec(family: str, backbone: str, num_classes: int, model_cfg: ModelConfig) -> DetectorSpec:
+def make_spec(family: str, backbone: str, num_classes: int, model_cfg: DetectorConfig) -> DetectorSpec:
+    """``model_cfg`` is one role's full architecture (``Params.detector_config(role)``)."""
     if family not in FAMILIES:
         raise ConfigError(f"unknown detector family '{family}'; choose one of: {', '.join(FAMILIES)}")
     if backbone not in BACKBONES:
@@ -63,24 +75,44 @@ def make_spec(family: str, backbone: str, num_classes: int, model_cfg: ModelConf
     return DetectorSpec(family, backbone, num_classes, model_cfg.model_dump())
 
 
-def _body_with_fpn(family: str, backbone: str, fpn_channels: int, backbone_weights: Optional[str]) -> BackboneWithFPN:
+def _body_with_fpn(family: str, backbone: str, fpn_channels: int, backbone_weights: Optional[str],
+                   fpn_norm: bool = False) -> BackboneWithFPN:
+    """The backbone's stride-4..32 stages (as the family needs) under an FPN of ``fpn_channels``; with
+    ``fpn_norm`` every FPN conv is followed by BatchNorm (torchvision's v2 detectors do the same)."""
     strides = FPN_STRIDES[family]
     extra = LastLevelMaxPool() if family == "fasterrcnn" else LastLevelP6P7(fpn_channels, fpn_channels)
+    norm = nn.BatchNorm2d if fpn_norm else None
     if backbone in _RESNETS:
         body = _RESNETS[backbone](weights=None)
         _load_backbone_weights(body, backbone_weights)
         layer_of_stride = {4: 1, 8: 2, 16: 3, 32: 4}
         return_layers = {f"layer{layer_of_stride[s]}": str(k) for k, s in enumerate(strides)}
         in_channels = [_resnet_stage_channels(body, layer_of_stride[s]) for s in strides]
-        return BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks=extra)
-    body = mobilenet_v3_large(weights=None)
+        return BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks=extra, norm_layer=norm)
+    if backbone in _REGNETS:  # stem (stride 2), then block1..block4 at strides 4, 8, 16, 32
+        net = _REGNETS[backbone](weights=None)
+        _load_backbone_weights(net, backbone_weights)
+        trunk = net.trunk_output
+        body = nn.Sequential(OrderedDict([("stem", net.stem), *trunk.named_children()]))
+        block_of_stride = {4: "block1", 8: "block2", 16: "block3", 32: "block4"}
+        return_layers = {block_of_stride[s]: str(k) for k, s in enumerate(strides)}
+        in_channels = [_last_out_channels(getattr(trunk, block_of_stride[s])) for s in strides]
+        return BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks=extra, norm_layer=norm)
+    body = _MOBILENETS[backbone](weights=None)
+    for module in body.modules():  # torchvision's 0.01 suits 600 ImageNet epochs; see the module docstring
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = MOBILENET_BN_MOMENTUM
     _load_backbone_weights(body, backbone_weights)
     features = body.features
     stage_indices = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
     chosen = [stage_indices[_MOBILENET_STAGES[s]] for s in strides]
     return_layers = {str(idx): str(k) for k, idx in enumerate(chosen)}
     in_channels = [features[idx].out_channels for idx in chosen]
-    return BackboneWithFPN(features, return_layers, in_channels, fpn_channels, extra_blocks=extra)
+    return BackboneWithFPN(features, return_layers, in_channels, fpn_channels, extra_blocks=extra, norm_layer=norm)
+
+
+def _last_out_channels(module: nn.Module) -> int:
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
 
 
 def _resnet_stage_channels(body: nn.Module, layer: int) -> int:
@@ -107,8 +139,14 @@ def build_detector(
     spec: DetectorSpec, weights: Optional[str] = None, backbone_weights: Optional[str] = None
 ) -> nn.Module:
     """Build the detector described by ``spec``; optionally load local detector or backbone weights."""
-    cfg = ModelConfig.model_validate(spec.model)
-    body = _body_with_fpn(spec.family, spec.backbone, cfg.fpn_channels, backbone_weights)
+    # Checkpoints from before the per-role keys hold "family" in the dict and lack the newer keys (defaults).
+    try:
+        cfg = DetectorConfig.model_validate({k: v for k, v in spec.model.items() if k != "family"})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise CheckpointError(f"detector spec: {'.'.join(map(str, err['loc']))}: {err['msg']} "
+                              f"(got {err.get('input')!r})") from None
+    body = _body_with_fpn(spec.family, spec.backbone, cfg.fpn_channels, backbone_weights, cfg.fpn_norm)
     num_classes = spec.num_classes + 1
     common = dict(
         min_size=cfg.min_size, max_size=cfg.max_size, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std)
@@ -137,12 +175,14 @@ def build_detector(
         anchors = AnchorGenerator(tuple(tuple(s * o for o in octaves) for s in cfg.anchor_sizes), (ratios,) * 5)
         head = RetinaNetHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
                              norm_layer=partial(nn.GroupNorm, math.gcd(16, cfg.fpn_channels)))
+        _set_tower_depth(head, cfg.head_depth)
         model = RetinaNet(
             body,
             num_classes,
             anchor_generator=anchors,
             head=head,
             detections_per_img=cfg.detections_per_image,
+            topk_candidates=cfg.topk_candidates,
             score_thresh=cfg.score_threshold,
             **common,
         )
@@ -154,6 +194,15 @@ def build_detector(
             raise CheckpointError(f"{weights}: does not fit a {spec.family}/{spec.backbone} detector with "
                                   f"{spec.num_classes} classes: {str(exc).splitlines()[0]}") from None
     return model
+
+
+def _set_tower_depth(head: RetinaNetHead, depth: int) -> None:
+    """Keep the first ``depth`` conv-norm-ReLU blocks of RetinaNet's classification and box towers
+    (torchvision builds 4; every block maps width -> width, so any prefix is a valid tower)."""
+    for tower in (head.classification_head, head.regression_head):
+        if depth > len(tower.conv):
+            raise ConfigError(f"retinanet.head_depth {depth}: at most {len(tower.conv)} convs per tower")
+        tower.conv = nn.Sequential(*list(tower.conv)[:depth])
 
 
 def count_parameters(model: nn.Module) -> int:
