@@ -1,6 +1,7 @@
 """Stages ``train_teacher``, ``train_student`` and (with ``--teacher``) ``distill``: train one detector.
 
-Reads params: seed, model, <role>, train_<role> (+ distill with --teacher). Writes: the model checkpoint,
+Reads params: seed, model, <role> (backbone and the role's architecture keys), train_<role> (+ distill with
+--teacher). Writes: the model checkpoint,
 the loss history (CSV for ``dvc plots``, every loss term) and its PNG, and (``--metrics``) the training
 cost as JSON (iterations, seconds, s/it, peak memory: CUDA allocator peak, or the process's peak RSS on CPU). Under ``torchrun`` trains with
 DistributedDataParallel; only rank 0 writes.
@@ -35,6 +36,7 @@ def main() -> None:
     logged = {
         "seed": params.seed, "model": params.model.model_dump(), args.role: getattr(params, args.role).model_dump(),
         f"train_{args.role}": getattr(params, f"train_{args.role}").model_dump(), "world_size": info.world,
+        "architecture": params.detector_config(args.role).model_dump(),  # what the checkpoint's spec will hold
     }
     stage = f"train_{args.role}"
     if args.teacher:

@@ -20,6 +20,8 @@ import math
 from pathlib import Path
 
 from detkd.bench.report import machine_line
+from detkd.bench.run import MIN_SPEEDUP as TARGET_SPEEDUP
+from detkd.summary import MIN_AP_RATIO as TARGET_AP_RATIO
 from detkd.io import atomic_path, atomic_write_json, atomic_write_text
 
 ROLES = ("teacher", "student", "distilled")
@@ -124,8 +126,8 @@ def plot(report: dict, path: str | Path) -> None:
         if not s.get("this_run"):
             ax.plot(s["baseline_p50_ms"], s["baseline_ap"], "o", mfc="white", mec=COLOURS["student"], zorder=2)
             ax.plot(s["distilled_p50_ms"], s["distilled_ap"], "o", mfc="white", mec=COLOURS["distilled"], zorder=2)
-        ax.annotate(s["name"], (s["distilled_p50_ms"], s["distilled_ap"]), textcoords="offset points", xytext=(6, 4),
-                    fontsize=7, color="#555555")
+        ax.annotate(s["name"], (s["distilled_p50_ms"], s["distilled_ap"]), textcoords="offset points", xytext=(-6, 6),
+                    ha="right", fontsize=7, color="#555555")
     for a in report["arrows"]:
         _arrow(ax, a["from"], a["to"])
     seen = set()
@@ -135,8 +137,17 @@ def plot(report: dict, path: str | Path) -> None:
                    edgecolors="black", linewidths=0.4, label=f"{LABELS.get(p['model'], p['model'])}, {key[1]}"
                    if key not in seen else None)
         seen.add(key)
+    teacher = report["teacher"]
+    ax.axhline(TARGET_AP_RATIO * teacher["AP"], color="#999999", ls=":", lw=1, zorder=0)
+    ax.axvline(teacher["p50_ms"] / TARGET_SPEEDUP, color="#999999", ls=":", lw=1, zorder=0)
+    ax.annotate(f"{TARGET_AP_RATIO:g} x teacher AP", (1, TARGET_AP_RATIO * teacher["AP"]), xycoords=("axes fraction", "data"),
+                xytext=(-4, 3), textcoords="offset points", ha="right", fontsize=7, color="#777777")
+    ax.annotate(f"{TARGET_SPEEDUP:g}x faster than the teacher", (teacher["p50_ms"] / TARGET_SPEEDUP, 0),
+                xycoords=("data", "axes fraction"), xytext=(3, 4), textcoords="offset points", fontsize=7,
+                color="#777777", rotation=90)
     ax.set_xscale("log")
     xs = [p["p50_ms"] for p in report["points"]] + [v for s in sizes for v in (s["baseline_p50_ms"], s["distilled_p50_ms"])]
+    xs.append(teacher["p50_ms"] / TARGET_SPEEDUP)
     ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
     _log_ticks(ax, min(xs) / 1.3, max(xs) * 1.3)
     ax.set_xlabel(f"p50 latency at batch {report['batch'].removeprefix('batch')} (ms, log scale)  <- faster")
@@ -158,7 +169,7 @@ def _arrow(ax, start, end, alpha: float = 0.9) -> None:
 
 def _log_ticks(ax, low: float, high: float) -> None:
     """Readable ticks on a short log axis (1, 2, 5 x 10^k) instead of matplotlib's sparse decades."""
-    ticks = [m * 10**k for k in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1) for m in (1, 2, 5)]
+    ticks = [m * 10**k for k in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1) for m in (1, 2, 3, 5)]
     ticks = [t for t in ticks if low <= t <= high]
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
