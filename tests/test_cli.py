@@ -118,7 +118,7 @@ def test_distill_bad_hyper_parameter_fails_before_training(tmp_path):
     params_path.write_text(yaml.safe_dump(raw))
     assert _stage("prepare.py", "--params", str(params_path), cwd=tmp_path).returncode == 0
     p = parse_params(raw)
-    spec = make_spec(p.model.family, p.teacher.backbone, 4, p.model)
+    spec = make_spec(p.model.family, p.teacher.backbone, 4, p.detector_config("teacher"))
     manifest = json.loads((tmp_path / "data/prepared/dataset.json").read_text())
     save_model_checkpoint(tmp_path / "t.pt", build_detector(spec), {"spec": spec.to_dict(), "category_ids": [1, 3, 5, 7],
                                                                    "category_names": manifest["classes"]})

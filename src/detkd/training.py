@@ -92,8 +92,10 @@ def build_distillation_model(params: Params, student: torch.nn.Module, spec, ind
         print(line)
     student_meta = {"category_ids": index.category_ids}
     check_compatible(student, teacher, student_meta, teacher_meta)
-    method = build_method(method_name, spec.family, spec.model["fpn_channels"],
-                          teacher_meta["spec"]["model"]["fpn_channels"], hparams)
+    from detkd.models.builder import DetectorSpec, spec_config
+
+    teacher_width = spec_config(DetectorSpec.from_dict(teacher_meta["spec"])).fpn_channels
+    method = build_method(method_name, spec.family, spec.model["fpn_channels"], teacher_width, hparams)
     meta = {"method": method_name, "hparams": hparams, "teacher": str(teacher_path),
             "teacher_backbone": teacher_meta["spec"]["backbone"]}
     return DistillationModel(student, teacher, method), meta
@@ -103,27 +105,25 @@ def teacher_notes(params: Params, student_spec, teacher_meta: dict, teacher_path
     """One line per thing a user should know about the teacher that distillation uses: its checkpoint's
     architecture differs from what params say (the checkpoint's is used: its weights fit only that), or the
     student is set wider or deeper than the teacher on a key (allowed, but rarely what compression wants)."""
-    from detkd.models.builder import DetectorSpec, make_spec
+    from detkd.config import WIDTH_KEYS
+    from detkd.models.builder import DetectorSpec, spec_config
 
     teacher_spec = DetectorSpec.from_dict(teacher_meta["spec"])
-    declared = make_spec(params.model.family, params.teacher.backbone, teacher_spec.num_classes,
-                         params.detector_config("teacher"))
+    built, declared = spec_config(teacher_spec).model_dump(), params.detector_config("teacher").model_dump()
+    student = spec_config(student_spec).model_dump()
     lines = []
-    differ = [(k, teacher_spec.model.get(k), v) for k, v in declared.model.items() if teacher_spec.model.get(k) != v]
-    if teacher_spec.backbone != declared.backbone:
-        differ.insert(0, ("backbone", teacher_spec.backbone, declared.backbone))
+    differ = [(k, built[k], v) for k, v in declared.items() if built[k] != v]
+    if teacher_spec.backbone != params.teacher.backbone:
+        differ.insert(0, ("backbone", teacher_spec.backbone, params.teacher.backbone))
     if differ:
         shown = ", ".join(f"{k}={ckpt} (params: {want})" for k, ckpt, want in differ[:4])
         lines.append(f"distill: warning: using the teacher as built in {teacher_path}: {shown}"
                      f"{' ...' if len(differ) > 4 else ''}; its weights fit only its own architecture "
                      "(re-run train_teacher to apply params)")
-    from detkd.config import WIDTH_KEYS
-
-    wider = [k for k in WIDTH_KEYS if student_spec.model.get(k, 0) > teacher_spec.model.get(k, 0)
-             and _family_key(k, student_spec.family)]
+    wider = [k for k in WIDTH_KEYS if student[k] > built[k] and _family_key(k, student_spec.family)]
     if wider:
         lines.append("distill: warning: the student is wider or deeper than its teacher on "
-                     + ", ".join(f"{k} ({student_spec.model[k]} > {teacher_spec.model[k]})" for k in wider)
+                     + ", ".join(f"{k} ({student[k]} > {built[k]})" for k in wider)
                      + "; allowed, but the student is meant to be the cheaper network")
     return lines
 

@@ -68,6 +68,8 @@ class DetectorSpec:
 
 def make_spec(family: str, backbone: str, num_classes: int, model_cfg: DetectorConfig) -> DetectorSpec:
     """``model_cfg`` is one role's full architecture (``Params.detector_config(role)``)."""
+    if not isinstance(model_cfg, DetectorConfig):
+        raise TypeError(f"make_spec needs a DetectorConfig (Params.detector_config(role)), got {type(model_cfg).__name__}")
     if family not in FAMILIES:
         raise ConfigError(f"unknown detector family '{family}'; choose one of: {', '.join(FAMILIES)}")
     if backbone not in BACKBONES:
@@ -135,17 +137,22 @@ def _load_backbone_weights(body: nn.Module, path: Optional[str]) -> None:
         )
 
 
-def build_detector(
-    spec: DetectorSpec, weights: Optional[str] = None, backbone_weights: Optional[str] = None
-) -> nn.Module:
-    """Build the detector described by ``spec``; optionally load local detector or backbone weights."""
-    # Checkpoints from before the per-role keys hold "family" in the dict and lack the newer keys (defaults).
+def spec_config(spec: DetectorSpec) -> DetectorConfig:
+    """The architecture a spec describes. Specs from before the per-role keys hold ``family`` in the dict
+    and lack the newer keys (they take the defaults, which are what those detectors were built with)."""
     try:
-        cfg = DetectorConfig.model_validate({k: v for k, v in spec.model.items() if k != "family"})
+        return DetectorConfig.model_validate({k: v for k, v in spec.model.items() if k != "family"})
     except ValidationError as exc:
         err = exc.errors()[0]
         raise CheckpointError(f"detector spec: {'.'.join(map(str, err['loc']))}: {err['msg']} "
                               f"(got {err.get('input')!r})") from None
+
+
+def build_detector(
+    spec: DetectorSpec, weights: Optional[str] = None, backbone_weights: Optional[str] = None
+) -> nn.Module:
+    """Build the detector described by ``spec``; optionally load local detector or backbone weights."""
+    cfg = spec_config(spec)
     body = _body_with_fpn(spec.family, spec.backbone, cfg.fpn_channels, backbone_weights, cfg.fpn_norm)
     num_classes = spec.num_classes + 1
     common = dict(
