@@ -1,6 +1,6 @@
 """Stage ``benchmark``: latency of every exported artefact (and the PyTorch models) on this machine.
 
-Reads params: benchmark, data.min_box_size. Writes: reports/benchmark.json (DVC metrics),
+Reads params: benchmark, data.min_box_size. Writes: reports/benchmark.json (the detailed report; headline numbers go to summary.json),
 reports/benchmark.md, reports/benchmark.png; all logged to MLflow.
 """
 

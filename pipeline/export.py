@@ -2,7 +2,7 @@
 gated on accuracy against the PyTorch models' AP from ``evaluate``.
 
 Reads params: export, eval.batch_size, benchmark.threads. Writes: models/export/<name>.onnx (+ engines),
-reports/export.json (DVC metrics), MLflow: the ONNX models (ONNX flavour) and the registered student.
+reports/export.json (the detailed report), MLflow: the ONNX models (ONNX flavour) and the registered student.
 """
 
 import argparse

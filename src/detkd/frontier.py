@@ -56,12 +56,15 @@ def distillation_arrows(points: list[dict]) -> list[dict]:
     return arrows
 
 
+# What a size needs to be drawn: its numbers from that experiment's ``reports/summary.json``.
+SIZE_KEYS = ("baseline_ap", "distilled_ap", "baseline_p50_ms", "distilled_p50_ms")
+
+
 def size_points(sizes_report: dict) -> list[dict]:
     """Validated size records of ``reports/frontier_sizes.json`` (``{"sizes": [...]}``)."""
-    keys = ("name", "baseline_ap", "distilled_ap", "baseline_p50_ms", "distilled_p50_ms")
     sizes = sizes_report.get("sizes", [])
     for record in sizes:
-        missing = [k for k in keys if k not in record]
+        missing = [k for k in ("name", *SIZE_KEYS) if k not in record]
         if missing:
             raise ValueError(f"frontier sizes: record {record.get('name', '?')!r} lacks {missing}")
     return list(sizes)
@@ -130,13 +133,10 @@ def plot(report: dict, path: str | Path) -> None:
                     ha="right", fontsize=7, color="#555555")
     for a in report["arrows"]:
         _arrow(ax, a["from"], a["to"])
-    seen = set()
-    for p in report["points"]:
-        key = (p["model"], p["backend"] + " " + p["precision"])
-        ax.scatter(p["p50_ms"], p["AP"], s=55, marker=marker[key[1]], color=COLOURS.get(p["model"], "k"), zorder=3,
-                   edgecolors="black", linewidths=0.4, label=f"{LABELS.get(p['model'], p['model'])}, {key[1]}"
-                   if key not in seen else None)
-        seen.add(key)
+    for p in report["points"]:  # one point per (model, backend, precision): each its own legend entry
+        kind = p["backend"] + " " + p["precision"]
+        ax.scatter(p["p50_ms"], p["AP"], s=55, marker=marker[kind], color=COLOURS.get(p["model"], "k"), zorder=3,
+                   edgecolors="black", linewidths=0.4, label=f"{LABELS.get(p['model'], p['model'])}, {kind}")
     teacher = report["teacher"]
     ax.axhline(TARGET_AP_RATIO * teacher["AP"], color="#999999", ls=":", lw=1, zorder=0)
     ax.axvline(teacher["p50_ms"] / TARGET_SPEEDUP, color="#999999", ls=":", lw=1, zorder=0)

@@ -22,6 +22,7 @@ from detkd.cli import run_main
 from detkd.compare import experiment_results, run_experiment
 from detkd.config import load_params
 from detkd.errors import DetkdError
+from detkd.frontier import SIZE_KEYS
 from detkd.io import atomic_write_json
 
 SUMMARY = "reports/summary.json"
@@ -59,12 +60,11 @@ def describe(student) -> str:
 
 
 def size_record(name: str, metrics: dict, cpu: str, label: str) -> dict:
-    missing = [k for k in ("baseline_ap", "distilled_ap", "baseline_p50_ms", "distilled_p50_ms") if k not in metrics]
+    missing = [k for k in SIZE_KEYS if k not in metrics]
     if missing:
         raise DetkdError(f"experiment frontier-{name}: {SUMMARY} lacks {missing}; was it run with this version?")
     return {"name": name, "label": label, "cpu": cpu,
-            **{k: metrics[k] for k in ("teacher_ap", "baseline_ap", "distilled_ap", "baseline_p50_ms",
-                                       "distilled_p50_ms", "teacher_p50_ms") if k in metrics}}
+            **{k: metrics[k] for k in ("teacher_ap", *SIZE_KEYS, "teacher_p50_ms") if k in metrics}}
 
 
 def _benchmark_cpu(rev: str) -> str:

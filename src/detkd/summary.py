@@ -15,17 +15,17 @@ from detkd.bench.run import MIN_SPEEDUP, fastest
 ROWS = (("teacher", "teacher", "teacher"), ("baseline student", "student", "student"),
         ("distilled student", "distilled", "distilled"))
 MIN_AP_RATIO = 0.85  # distilled AP / teacher AP
+HEADLINE_MODELS = (("teacher", "teacher"), ("baseline", "student"), ("distilled", "distilled"))  # key prefix, model
 
 
 def headline(eval_report: dict, export_report: dict, benchmark_report: dict, batch: str = "batch1") -> dict:
     """``reports/summary.json``: flat numbers for ``dvc exp show`` and scripts. Latencies are p50 at
     ``batch`` on each model's fastest FP32 CPU backend; ``speedup_b1`` = teacher p50 / distilled p50."""
     results = benchmark_report["results"]
-    out = {f"{name}_ap": round(float(eval_report[key]["AP"]), 4)
-           for name, key in (("teacher", "teacher"), ("baseline", "student"), ("distilled", "distilled"))}
+    out = {f"{name}_ap": round(float(eval_report[key]["AP"]), 4) for name, key in HEADLINE_MODELS}
     out["ap_ratio"] = round(out["distilled_ap"] / out["teacher_ap"], 4) if out["teacher_ap"] else 0.0
     out["distill_gain"] = round(out["distilled_ap"] - out["baseline_ap"], 4)
-    for name, key in (("teacher", "teacher"), ("baseline", "student"), ("distilled", "distilled")):
+    for name, key in HEADLINE_MODELS:
         best = fastest(results, key, batch)
         if best is not None:
             out[f"{name}_p50_ms"] = round(best[1], 2)
