@@ -12,7 +12,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,export]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,export,cpu,quantize,openvino]'
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -3,12 +3,15 @@
 
     python deploy/infer.py --model models/export/distilled.onnx IMAGE [IMAGE ...] [--out deploy/out]
 
-``--model`` is an ONNX file (onnxruntime; ``--provider cpu|cuda|tensorrt``) or a TensorRT engine built by
-``dvc repro export`` (``.engine``, with its ``.engine.json``). Writes ``<out>/detections.json``
+``--model`` is any gated artefact of ``dvc repro export``: an ONNX file of any precision
+(``distilled.onnx``, ``distilled_fp16.onnx``, ``distilled_int8.onnx``) or a TensorRT engine (``.engine``, with
+its ``.engine.json``). ``--backend`` picks the runtime: ``onnxruntime`` (default for ONNX;
+``--provider cpu|cuda|tensorrt``), ``openvino`` (CPU, f32 inference precision unless ``--ov-precision``)
+or ``tensorrt`` (default for engines). Writes ``<out>/detections.json``
 (``{image: [{box: [x0, y0, x1, y1], score, label, class_name}]}``, boxes in image pixels) and
-``<out>/<image stem>.png``. Needs numpy, pillow, onnxruntime and the ``detkd`` package (torch only for
-engines). Errors (missing or corrupt model, engine from another GPU or TensorRT, unreadable image) are
-one line on stderr and exit status 2.
+``<out>/<image stem>.png``. Needs numpy, pillow, the runtime and the ``detkd`` package (torch only for
+engines). Errors (missing or corrupt model, runtime absent, engine from another GPU or TensorRT,
+unreadable image) are one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -36,13 +39,17 @@ def draw(image, detections: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="exported .onnx file or TensorRT .engine")
+    parser.add_argument("--model", required=True, help="exported .onnx file (any precision) or TensorRT .engine")
+    parser.add_argument("--backend", choices=["onnxruntime", "openvino", "tensorrt"],
+                        help="runtime (default: onnxruntime for .onnx, tensorrt for engines)")
     parser.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
     parser.add_argument("--out", default="deploy/out", help="output directory (default: deploy/out)")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="report detections at or above this score")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"], help="onnxruntime provider")
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime CPU threads (0: all cores)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads of onnxruntime/OpenVINO (0: all cores)")
+    parser.add_argument("--ov-precision", default="f32", choices=["f32", "bf16"],
+                        help="OpenVINO inference precision (default f32; bf16 drifts on CPUs that have it)")
     parser.add_argument("--no-draw", action="store_true", help="write detections.json only")
     args = parser.parse_args(argv)
 
@@ -51,8 +58,10 @@ def main(argv=None) -> int:
     from detkd.runtime.preprocess import read_image
 
     try:
-        options = {"providers": (args.provider,), "threads": args.threads} if args.model.endswith(".onnx") else {}
-        runner = load_runner(args.model, **options)
+        backend = args.backend or ("onnxruntime" if args.model.endswith(".onnx") else "tensorrt")
+        options = {"onnxruntime": {"providers": (args.provider,), "threads": args.threads},
+                   "openvino": {"threads": args.threads, "precision": args.ov_precision}}.get(backend, {})
+        runner = load_runner(args.model, backend, **options)
         images = [read_image(p) for p in args.images]
         results = runner.detect(images, batch_size=args.batch_size)
     except DetkdError as exc:

@@ -1,8 +1,10 @@
-"""Stage ``export``: ONNX (and TensorRT engines where possible) of the teacher and the distilled student,
-gated on accuracy against the PyTorch models' AP from ``evaluate``.
+"""Stage ``export``: ONNX files per precision (FP32, FP16, INT8) of every model, and TensorRT engines where
+possible, each gated on accuracy on every CPU runtime against the PyTorch models' AP from ``evaluate``.
 
-Reads params: export, eval.batch_size, benchmark.threads. Writes: models/export/<name>.onnx (+ engines),
-reports/export.json (the detailed report), MLflow: the ONNX models (ONNX flavour) and the registered student.
+Reads params: export, eval.batch_size, benchmark.threads, data.min_box_size. Writes: models/export/<name>.onnx,
+<name>_fp16.onnx, <name>_int8.onnx (+ engines; rejected artefacts under models/export/rejected/),
+reports/export.json (the detailed report), MLflow: the ONNX models (ONNX flavour), the other gated artefacts
+and the registered student.
 """
 
 import argparse
@@ -12,7 +14,7 @@ from pathlib import Path
 from detkd.cli import run_main
 from detkd.config import load_params
 from detkd.errors import ExportError
-from detkd.export.stage import export_models, failures, registrable
+from detkd.export.stage import deployable_artefacts, export_models, failures, registrable, rejected
 from detkd.io import atomic_write_json
 from detkd.tracking.mlflow_run import stage_run
 
@@ -39,24 +41,30 @@ def main() -> None:
         report = export_models(params, checkpoints, args.data, {n: evaluated[n]["AP"] for n in checkpoints},
                                args.out_dir, run.run_id or "")
         atomic_write_json(args.report, report)
-        run.log_metrics({name: {"onnx_AP": e["onnx"]["metrics"]["AP"],
-                                **{f"{p}_AP": g["metrics"]["AP"] for p, g in e["engines"].items()}}
+        run.log_metrics({name: {f"{p}_{backend.split('-')[0]}_AP": g["metrics"]["AP"]
+                                for p, a in e["artefacts"].items() for backend, g in a.get("gates", {}).items()}
+                         | {f"{p}_tensorrt_AP": g["metrics"]["AP"] for p, g in e["engines"].items() if "metrics" in g}
                          for name, e in report["models"].items()})
         run.log_artifact(args.report, "reports")
         run.set_tags({"detkd.tensorrt": "available" if report["tensorrt"]["available"] else report["tensorrt"]["reason"]})
         problems = failures(report)
         if problems:
             raise ExportError("accuracy gate failed: " + "; ".join(problems) + f" (details in {args.report})")
+        for line in rejected(report):
+            print(f"export: not deployable (failed its gate, kept out of models/export): {line}")
         for name, entry in report["models"].items():
             target = registrable(report, name) if name == args.register else None
-            version = run.log_onnx_model(entry["onnx"]["path"], f"{name}-onnx",
+            version = run.log_onnx_model(entry["artefacts"]["fp32"]["path"], f"{name}-onnx",
                                          params.export.registered_model if target else None, params.export.alias)
+            for artefact in deployable_artefacts(entry):
+                if artefact["precision"] != "fp32":
+                    run.log_artifact(artefact["path"], f"{name}-onnx-{artefact['precision']}")
             for engine in entry["engines"].values():
-                run.log_artifact(engine["path"], "engines")
+                if engine.get("status") == "deployable":
+                    run.log_artifact(engine["path"], "engines")
             if version:
                 print(f"export: registered {params.export.registered_model} version {version} as "
                       f"@{params.export.alias}")
-
 
 if __name__ == "__main__":
     run_main(main)

@@ -105,3 +105,19 @@ def test_repository_student_is_cheaper_than_its_teacher():
     assert student.fpn_channels < teacher.fpn_channels
     assert student.rpn_post_nms_top_n_test < teacher.rpn_post_nms_top_n_test
     assert set(params.frontier.sizes) == {"small", "large"}
+
+
+def test_export_precisions_tolerances_and_moved_keys():
+    p = parse_params({"export": {"gate": {"max_ap_drop": 0.02}}})  # one number sets every precision
+    assert (p.export.gate.max_ap_drop.fp32, p.export.gate.max_ap_drop.fp16, p.export.gate.max_ap_drop.int8) == (0.02,) * 3
+    p = parse_params({})
+    assert p.export.precisions == ["fp32", "fp16", "int8"] and p.export.gate.max_ap_drop.int8 == 0.01
+    assert p.export.quantize.calibration_images == 64 and p.export.gate.runtimes == ["onnxruntime", "openvino"]
+    with pytest.raises(ConfigError, match=r"export.precisions \['int8'\] must include fp32"):
+        parse_params({"export": {"precisions": ["int8"]}})
+    with pytest.raises(ConfigError, match=r"unknown key 'export.tensorrt.precisions'.*it moved to export.precisions"):
+        parse_params({"export": {"tensorrt": {"precisions": ["fp16"]}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'export.tensorrt.calibration_images'.*export.quantize.calibration_images"):
+        parse_params({"export": {"tensorrt": {"calibration_images": 8}}})
+    with pytest.raises(ConfigError, match=r"export.gate.runtimes"):
+        parse_params({"export": {"gate": {"runtimes": ["tflite"]}}})

@@ -161,10 +161,16 @@ def _env():
             "versions": {"torch": "t", "onnxruntime": "o", "tensorrt": None}}
 
 
+def _gate(ap):
+    return {"metrics": {"AP": ap}, "ap_gate": ap_gate(ap, ap, 0.005), "passed": True}
+
+
 def _export(models):
     return {"tensorrt": {"available": False, "reason": "absent"},
             "models": {n: {"backbone": b, "input_size": 64, "graph": {"size_mb": 2.0}, "engines": {},
-                           "onnx": {"metrics": {"AP": ap}, "ap_gate": ap_gate(ap, ap, 0.005), "passed": True}}
+                           "artefacts": {"fp32": {"path": f"{n}.onnx", "precision": "fp32", "status": "deployable",
+                                                  "deployable_on": ["onnxruntime-cpu"],
+                                                  "gates": {"onnxruntime-cpu": _gate(ap)}}}}
                        for n, b, ap in models}}
 
 
@@ -179,7 +185,7 @@ def test_targets_use_the_fastest_cpu_backend_per_model():
     assert not targets["onnxruntime_vs_torch_cpu"]["distilled"]["batch1"]["met"]
     report = {"environment": _env(), "results": results, "skipped": {"tensorrt": "absent"}, "targets": targets}
     text = markdown(report)
-    assert "| distilled | torch-cpu | 1 | 30.0 |" in text and "2.67x faster" in text and "tensorrt: absent" in text
+    assert "| distilled | torch-cpu | FP32 | 1 | 30.0 |" in text and "2.67x faster" in text and "tensorrt: absent" in text
     results["student"] = {"torch-cpu": {"batch1": _row(31)}, "onnxruntime-cpu": {"batch1": _row(44)}}
     export = _export((("teacher", "resnet34", 0.5), ("student", "mobilenet_v3_large", 0.3),
                       ("distilled", "mobilenet_v3_large", 0.4)))
@@ -203,8 +209,10 @@ def test_headline_numbers_are_flat_and_use_the_fastest_fp32_cpu_row():
                        {"results": results})
     assert numbers == {"teacher_ap": 0.5, "baseline_ap": 0.36, "distilled_ap": 0.45, "ap_ratio": 0.9,
                        "distill_gain": 0.09, "teacher_p50_ms": 60.0, "baseline_p50_ms": 20.0, "distilled_p50_ms": 20.0,
-                       "speedup_b1": 3.0, "teacher_onnx_mb": 2.0, "distilled_onnx_mb": 2.0, "gates_passed": 1}
-    export["models"]["distilled"]["onnx"]["passed"] = False
+                       "speedup_b1": 3.0, "deployed_ap": 0.5, "deployed_p50_ms": 8.0, "compression_b1": 7.5,
+                       "teacher_onnx_mb": 2.0, "distilled_onnx_mb": 2.0, "gates_passed": 1, "artefacts_deployable": 2,
+                       "artefacts_rejected": 0}
+    export["models"]["distilled"]["artefacts"]["fp32"]["status"] = "rejected"
     assert headline({"teacher": {"AP": 0.5}, "student": {"AP": 0.36}, "distilled": {"AP": 0.45}}, export,
                     {"results": results})["gates_passed"] == 0
 
@@ -250,6 +258,65 @@ def test_triton_repository_declares_the_contract(onnx_model, tmp_path):
     assert (target / "labels.txt").read_text().split() == ["__background__", "a", "b", "c"]
 
 
+def test_triton_defaults_follow_the_artefact_and_cover_openvino_and_engines(onnx_model, tmp_path):
+    from detkd.runtime.metadata import engine_sidecar, read_model_info
+
+    _, path = onnx_model
+    int8 = tmp_path / "distilled_int8.onnx"
+    int8.write_bytes(path.read_bytes())
+    target = write_model_repository(int8, tmp_path / "repo")  # onnxruntime on the CPU, named after the file
+    config = (target / "config.pbtxt").read_text()
+    assert target.name == "detkd_distilled_int8" and 'name: "detkd_distilled_int8"' in config
+    assert 'platform: "onnxruntime_onnx"' in config and "kind: KIND_CPU" in config
+    target = write_model_repository(int8, tmp_path / "repo", runtime="openvino")
+    config = (target / "config.pbtxt").read_text()
+    assert target.name == "detkd_distilled_int8_openvino" and 'backend: "openvino"' in config
+    assert 'default_model_filename: "model.onnx"' in config and "kind: KIND_CPU" in config and "bf16" in config
+    assert (target / "1" / "model.onnx").is_file()
+    engine = tmp_path / "distilled_fp16.engine"
+    engine.write_bytes(b"plan")
+    engine_sidecar(engine).write_text(json.dumps({"metadata": read_model_info(path).to_metadata()}))
+    target = write_model_repository(engine, tmp_path / "repo")
+    config = (target / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in config and "kind: KIND_GPU" in config and (target / "1" / "model.plan").is_file()
+    with pytest.raises(ModelFileError, match="the tensorrt backend takes a TensorRT engine"):
+        write_model_repository(int8, tmp_path / "repo", runtime="tensorrt")
+    with pytest.raises(ModelFileError, match="the openvino backend takes an ONNX file"):
+        write_model_repository(engine, tmp_path / "repo", runtime="openvino")
+
+
+def test_load_runner_picks_the_runtime_and_refuses_mismatches(onnx_model, tmp_path):
+    _, path = onnx_model
+    assert load_runner(path).backend == "onnxruntime-cpu"
+    with pytest.raises(ModelFileError, match="TensorRT runs engines built from ONNX files"):
+        load_runner(path, "tensorrt")
+    with pytest.raises(ModelFileError, match="unknown runtime 'tflite'; choose from onnxruntime, openvino, tensorrt"):
+        load_runner(path, "tflite")
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"plan")
+    with pytest.raises(ModelFileError, match="a TensorRT engine runs only on the tensorrt runtime, not openvino"):
+        load_runner(engine, "openvino")
+
+
+def test_infer_cli_on_openvino_gives_the_onnxruntime_detections(onnx_model, tmp_path):
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install -e '.[openvino]')")
+    _, path = onnx_model
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
+    reports = {}
+    for backend in ("onnxruntime", "openvino"):
+        proc = subprocess.run([sys.executable, str(REPO / "deploy" / "infer.py"), "--model", str(path), str(image),
+                               "--backend", backend, "--out", str(tmp_path / backend), "--score-threshold", "0.0",
+                               "--no-draw"], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert f"({backend}-cpu)" in proc.stdout
+        reports[backend] = json.loads((tmp_path / backend / "detections.json").read_text())[str(image)]
+    assert len(reports["openvino"]) == len(reports["onnxruntime"]) > 0
+    for a, b in zip(reports["onnxruntime"], reports["openvino"]):
+        assert a["label"] == b["label"] and abs(a["score"] - b["score"]) < 1e-3
+        assert max(abs(x - y) for x, y in zip(a["box"], b["box"])) < 0.1
+
+
 def test_infer_cli_writes_detections_and_drawings(onnx_model, tmp_path):
     _, path = onnx_model
     rng = np.random.default_rng(3)
@@ -286,3 +353,28 @@ def test_output_comparison_respects_an_engines_batch_limit(onnx_model):
     images = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(5)]
     result = compare_outputs(model, runner, images)
     assert result["images"] == 5 and result["passed"] and result["matched"] > 0
+
+
+def test_a_quantized_artefact_that_fails_its_gate_is_recorded_and_moved_out_of_the_deployment_set(tmp_path):
+    from detkd.export.stage import rejected, settle
+
+    def gate(ap, passed):
+        return {"metrics": {"AP": ap}, "ap_gate": ap_gate(0.50, ap, 0.01), "passed": passed}
+
+    out = tmp_path / "export"
+    out.mkdir()
+    for name in ("m.onnx", "m_int8.onnx", "m_fp16.onnx"):
+        (out / name).write_bytes(b"x")
+    logs = []
+    int8 = settle({"path": str(out / "m_int8.onnx"), "precision": "int8",
+                   "gates": {"onnxruntime-cpu": gate(0.46, False), "openvino-cpu": gate(0.47, False)}}, out, logs.append)
+    assert int8["status"] == "rejected" and int8["deployable_on"] == []
+    assert not (out / "m_int8.onnx").exists() and (out / "rejected" / "m_int8.onnx").is_file()
+    assert int8["path"] == str(out / "rejected" / "m_int8.onnx") and int8["gates"]["openvino-cpu"]["metrics"]["AP"] == 0.47
+    assert "m_int8.onnx REJECTED" in logs[0] and "AP 0.4600 vs 0.5000" in logs[0] and "FP32 file stays" in logs[0]
+    fp16 = settle({"path": str(out / "m_fp16.onnx"), "precision": "fp16",
+                   "gates": {"onnxruntime-cpu": gate(0.50, True), "openvino-cpu": gate(0.47, False)}}, out, logs.append)
+    assert fp16["status"] == "deployable" and fp16["deployable_on"] == ["onnxruntime-cpu"] and (out / "m_fp16.onnx").is_file()
+    report = {"models": {"m": {"artefacts": {"fp32": {"precision": "fp32", "status": "deployable"}, "int8": int8,
+                                             "fp16": fp16}, "engines": {}}}}
+    assert rejected(report) == ["m int8 (onnxruntime-cpu AP 0.4600, openvino-cpu AP 0.4700; allowed drop 0.01)"]

@@ -52,16 +52,42 @@ def test_smoke_pipeline_runs_every_stage_tracks_and_is_cached(tmp_path):
 
     export = json.loads((tmp_path / "reports/export.json").read_text())
     assert set(export["models"]) == {"teacher", "student", "distilled"}
-    assert all(m["onnx"]["passed"] and m["graph"]["tensorrt_static_check"]["passed"] for m in export["models"].values())
     assert "available" in export["tensorrt"]
     bench = json.loads((tmp_path / "reports/benchmark.json").read_text())
+    runtimes = {"onnxruntime-cpu", "openvino-cpu"}
+    for name, m in export["models"].items():
+        assert m["graph"]["tensorrt_static_check"]["passed"]
+        assert set(m["artefacts"]) == {"fp32", "fp16", "int8"}
+        fp32 = m["artefacts"]["fp32"]
+        assert set(fp32["gates"]) == runtimes and all(g["passed"] for g in fp32["gates"].values())
+        for precision in ("fp16", "int8"):  # FP16 and INT8 gates on the smoke data, on both CPU runtimes
+            a = m["artefacts"][precision]
+            assert set(a["gates"]) == runtimes and a["made"]["tensorrt_static_check"]["passed"]
+            limit = {"fp16": 0.005, "int8": 0.01}[precision]
+            for backend, g in a["gates"].items():
+                assert g["ap_gate"]["max_difference"] == limit and not g["raw_outputs"]["gated"]
+                assert g["passed"] == (abs(g["metrics"]["AP"] - g["ap_gate"]["reference_ap"]) <= limit + 1e-12)
+                if backend == "openvino-cpu":
+                    assert g["inference_precision"] == "f32"
+            assert a["status"] == ("deployable" if a["deployable_on"] else "rejected")
+            # a rejected file is out of the deployment set; a deployable one is there, and is timed with its AP
+            assert (tmp_path / a["path"]).is_file() and ("/rejected/" in a["path"]) == (a["status"] == "rejected")
+            for backend in runtimes:
+                row = bench["results"][name].get(f"{backend}/{precision}", {}).get("batch1")
+                assert (row is not None) == (backend in a["deployable_on"])
+                if row:
+                    assert row["precision"] == precision and row["AP"] == a["gates"][backend]["metrics"]["AP"]
     row = bench["results"]["distilled"]["onnxruntime-cpu"]["batch2"]
-    assert row["p50_ms"] > 0 and row["AP"] == export["models"]["distilled"]["onnx"]["metrics"]["AP"]
+    fp32_gates = export["models"]["distilled"]["artefacts"]["fp32"]["gates"]
+    assert row["p50_ms"] > 0 and row["AP"] == fp32_gates["onnxruntime-cpu"]["metrics"]["AP"]
+    assert bench["results"]["distilled"]["openvino-cpu"]["batch1"]["AP"] == fp32_gates["openvino-cpu"]["metrics"]["AP"]
     assert "distilled student" in (tmp_path / "reports/summary.md").read_text()
     # headline numbers: flat and numeric; the frontier has a point per measured artefact, arrows baseline -> distilled
     headline = json.loads((tmp_path / "reports/summary.json").read_text())
     assert {"teacher_ap", "baseline_ap", "distilled_ap", "ap_ratio", "distill_gain", "speedup_b1", "teacher_p50_ms",
-            "distilled_p50_ms"} <= set(headline)
+            "distilled_p50_ms", "deployed_p50_ms", "deployed_ap", "compression_b1"} <= set(headline)
+    assert headline["compression_b1"] == pytest.approx(headline["teacher_p50_ms"] / headline["deployed_p50_ms"], rel=1e-2)
+    assert headline["deployed_p50_ms"] <= headline["distilled_p50_ms"]  # the fastest gated artefact, FP32 included
     assert all(isinstance(v, (int, float)) for v in headline.values())
     assert headline["speedup_b1"] == pytest.approx(headline["teacher_p50_ms"] / headline["distilled_p50_ms"], rel=1e-2)
     frontier = json.loads((tmp_path / "reports/frontier.json").read_text())

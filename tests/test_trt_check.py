@@ -34,12 +34,13 @@ def _rules(model):
     return [(v.node, v.rule) for v in check_model(model)]
 
 
-def test_matrix_is_the_trt10_table():
+def test_matrix_is_the_trt10_15_table():
     m = default_matrix()
-    assert m.version == "10.0" and m.opset_range == (9, 20)
+    assert m.version == "10.15" and m.opset_range == (9, 24)
     assert m.ops["Conv"].supported and "FP32" in m.ops["Conv"].types
     assert not m.ops["Unique"].supported
-    assert "INT64" in m.ops["ConstantOfShape"].types  # the source's "INF64" typo is mended
+    assert "INT64" in m.ops["ConstantOfShape"].types
+    assert m.ops["RoiAlign"].types == {"FP32", "FP16"} and m.ops["NonMaxSuppression"].types == {"FP32", "FP16"}
     assert "3840" in m.ops["TopK"].restrictions
     with pytest.raises(ValueError, match="not an onnx-tensorrt operator matrix"):
         parse_matrix("# nothing here")
@@ -58,7 +59,7 @@ def test_a_plain_conv_net_with_dynamic_batch_passes():
 def test_unsupported_op_custom_domain_and_opset():
     nodes = [helper.make_node("Unique", ["x"], ["y"], name="uniq"),
              helper.make_node("MyNMS", ["x"], ["z"], name="plug", domain="com.example")]
-    model = _model(nodes, [_x()], [_y(), _y("z")], opset=21)
+    model = _model(nodes, [_x()], [_y(), _y("z")], opset=25)
     assert set(_rules(model)) == {("<model>", "opset"), ("uniq", "unsupported"), ("plug", "unsupported")}
     ok = _model([helper.make_node("EfficientNMS_TRT", ["x"], ["y"], name="nms", domain="trt.plugins")],
                 [_x()], [_y()])
@@ -78,12 +79,39 @@ def test_type_rules_nonzero_on_bool_and_uint8_inside_the_graph():
     assert _rules(_model(nodes, [_x(dtype=U8)], [_y()])) == []
 
 
-def test_axes_and_k_must_be_initializers():
+# The rows of TensorRT 10.0's matrix (onnx-tensorrt docs/operators.md at 10.0) whose restrictions 10.15 relaxed
+TRT10_0_ROWS = """TensorRT 10.0 supports operators in the inclusive range of opset 9 to opset 20.
+| Shape | Y | FP32, FP16, BF16, INT32, INT64, BOOL |
+| Slice | Y | FP32, FP16, BF16, INT32, INT64, BOOL | `axes` must be an initializer |
+| Pad | Y | FP32, FP16, BF16, INT32, INT64 | `axes` must be an initializer |
+| ReduceSum | Y | FP32, FP16, BF16, INT32, INT64 | `axes` must be an initializer |
+| CumSum | Y | FP32, FP16, BF16 | `axis` must be an initializer |
+"""
+
+
+def _dynamic_axes_graph():
     nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
              helper.make_node("Slice", ["s", "st", "en", "s"], ["sl"], name="slice"),
              helper.make_node("ReduceSum", ["x", "sl"], ["y"], name="rsum")]
-    model = _model(nodes, [_x()], [_y()], [_const("st", [0]), _const("en", [1])], opset=18)
-    assert set(_rules(model)) >= {("slice", "constant-input"), ("rsum", "constant-input")}
+    return _model(nodes, [_x()], [_y()], [_const("st", [0]), _const("en", [1])], opset=18)
+
+
+def test_constant_input_rules_follow_the_matrix_version():
+    model = _dynamic_axes_graph()
+    # 10.15: Slice's axes may be computed at run time; ReduceSum's axes must still be an initializer
+    assert set(_rules(model)) == {("rsum", "constant-input")}
+    # 10.0 required both
+    old = parse_matrix(TRT10_0_ROWS)
+    assert old.version == "10.0" and old.opset_range == (9, 20)
+    assert {(v.node, v.rule) for v in check_model(model, old)} == {("slice", "constant-input"), ("rsum", "constant-input")}
+
+
+def test_topk_k_may_be_computed_since_10_15_but_stays_below_3840():
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "one"], ["k"], name="k_from_shape", axis=0),
+             helper.make_node("TopK", ["x", "k"], ["y", "i"], name="topk", axis=-1)]
+    model = _model(nodes, [_x(shape=("N", 5000))], [_y(), _y("i", I64)], [_const("one", [1])])
+    assert _rules(model) == []
 
 
 def test_topk_limits():
@@ -152,5 +180,5 @@ def test_dynamic_spatial_input_and_the_one_line_error():
     with pytest.raises(ExportError) as err:
         assert_tensorrt_compatible(model, "student.onnx")
     text = str(err.value)
-    assert "\n" not in text and text.startswith("student.onnx: not loadable by TensorRT 10.0")
-    assert "node 'x' (graph input) breaks TensorRT 10.0 rule 'static-shape': dimension 2 is dynamic ('H')" in text
+    assert "\n" not in text and text.startswith("student.onnx: not loadable by TensorRT 10.15")
+    assert "node 'x' (graph input) breaks TensorRT 10.15 rule 'static-shape': dimension 2 is dynamic ('H')" in text

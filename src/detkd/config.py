@@ -234,30 +234,68 @@ class EvalConfig(_Section):
     batch_size: int = Field(8, ge=1)
 
 
-class GateConfig(_Section):
-    """Accuracy gate of every exported artefact against the PyTorch model."""
+PRECISIONS = ("fp32", "fp16", "int8")
 
-    max_ap_drop: float = Field(0.005, ge=0.0, le=1.0)  # |AP(artefact) - AP(PyTorch)| allowed
+
+class PrecisionTolerance(_Section):
+    """|AP(artefact) - AP(PyTorch)| allowed per precision; one number sets all three."""
+
+    fp32: float = Field(0.005, ge=0.0, le=1.0)
+    fp16: float = Field(0.005, ge=0.0, le=1.0)
+    int8: float = Field(0.01, ge=0.0, le=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_number_for_all(cls, value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {p: float(value) for p in PRECISIONS}
+        return value
+
+
+class GateConfig(_Section):
+    """Accuracy gate of every exported artefact against the PyTorch model, on each CPU runtime."""
+
+    max_ap_drop: PrecisionTolerance = PrecisionTolerance()
     sample_images: int = Field(8, ge=1)  # val images whose raw outputs are compared
     box_atol: float = Field(0.05, ge=0.0)  # px
     score_atol: float = Field(1e-3, ge=0.0)
     max_unmatched: float = Field(0.01, ge=0.0, le=1.0)
+    runtimes: list[Literal["onnxruntime", "openvino"]] = Field(default_factory=lambda: ["onnxruntime", "openvino"],
+                                                              min_length=1)  # CPU runtimes each artefact is gated on
+
+
+class QuantizeConfig(_Section):
+    """INT8 post-training quantization (NVIDIA ModelOpt) of the exported graphs."""
+
+    calibration_images: int = Field(64, ge=1)  # train-split images (never the val split the gate reports)
+    calibration_method: Literal["entropy", "max"] = "entropy"
 
 
 class TensorRTConfig(_Section):
-    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32", "fp16", "int8"])
-    calibration_images: int = Field(128, ge=1)  # val images for INT8 entropy calibration
+    """Engines built from each gated ONNX artefact (precision comes from the file; strongly typed)."""
+
     max_batch: int = Field(8, ge=1)  # optimisation profile: batch 1..max_batch
     workspace_gb: float = Field(4.0, gt=0.0)
 
 
 class ExportConfig(_Section):
-    opset: int = Field(17, ge=17, le=20)  # 20 is the newest TensorRT 10.0's parser reads
+    opset: int = Field(17, ge=17, le=20)  # torch's TorchScript exporter writes <= 20; TensorRT 10.15/11 read 9-24
     simplify: bool = True  # onnxslim
+    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: list(PRECISIONS))
     gate: GateConfig = GateConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
     tensorrt: TensorRTConfig = TensorRTConfig()
     registered_model: str = "detkd-student"  # MLflow registry name of the deployable student
     alias: str = "deployable"
+
+    @model_validator(mode="after")
+    def _fp32_first(self) -> "ExportConfig":
+        if "fp32" not in self.precisions:
+            raise ValueError(f"export.precisions {self.precisions} must include fp32 (the reference artefact; fp16 "
+                             "and int8 are made from it)")
+        if len(set(self.precisions)) != len(self.precisions):
+            raise ValueError(f"export.precisions {self.precisions} lists a precision twice")
+        return self
 
 
 class BenchmarkConfig(_Section):
@@ -265,10 +303,10 @@ class BenchmarkConfig(_Section):
     warmup: int = Field(5, ge=0)  # iterations run before timing starts (not timed)
     iterations: int = Field(30, ge=1)
     threads: int = Field(0, ge=0)  # CPU threads for PyTorch and onnxruntime; 0 = every core
-    backends: list[Literal["torch-cpu", "torch-cuda", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt",
-                           "tensorrt"]] = Field(default_factory=lambda: ["torch-cpu", "torch-cuda", "onnxruntime-cpu",
-                                                                         "onnxruntime-cuda", "onnxruntime-tensorrt",
-                                                                         "tensorrt"])
+    backends: list[Literal["torch-cpu", "torch-cuda", "onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda",
+                           "onnxruntime-tensorrt", "tensorrt"]] = Field(
+        default_factory=lambda: ["torch-cpu", "torch-cuda", "onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda",
+                                 "onnxruntime-tensorrt", "tensorrt"])
 
     @model_validator(mode="after")
     def _batches(self) -> "BenchmarkConfig":
@@ -364,9 +402,17 @@ def _format_error(source: str, err: dict, model: type[BaseModel]) -> str:
     return f"{source}: {loc}: {message}{shown}"
 
 
+# keys that moved, old dotted path -> new one
+_MOVED = {"export.tensorrt.precisions": "export.precisions (each precision is an ONNX file; engines are built from them)",
+          "export.tensorrt.calibration_images": "export.quantize.calibration_images (train-split images)"}
+
+
 def _where_it_belongs(loc: tuple) -> str:
-    """A hint for an architecture key put in the wrong section (``model.fpn_channels``, a Faster R-CNN key
-    under ``retinanet``...): where that key lives, or "" when it is no architecture key."""
+    """A hint for a key put in the wrong section (``model.fpn_channels``, a Faster R-CNN key under
+    ``retinanet``, a key that moved...): where that key lives, or "" when there is nothing to say."""
+    dotted = ".".join(str(part) for part in loc)
+    if dotted in _MOVED:
+        return f" (it moved to {_MOVED[dotted]})"
     key = str(loc[-1])
     homes = {name: "" for name in ("fpn_channels", "fpn_norm", "detections_per_image")}
     homes.update({name: ".fasterrcnn" for name in TwoStageArch.model_fields})

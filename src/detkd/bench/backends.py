@@ -1,10 +1,15 @@
 """The backends a benchmark can time here, each as a ``Target``: a callable on a letterboxed batch.
 
-Contract: ``targets(name, checkpoint, export_entry, backends, threads)`` yields ``(Target | None, backend,
-reason)`` for every requested backend: a ``Target`` when it can run on this machine, else ``None`` and a
-one-line reason (no CUDA device, no onnxruntime provider, TensorRT absent, no engine built). Every
-target takes the same float32 ``[B, 3, S, S]`` letterboxed batch (what ``deploy/infer.py`` feeds), so
-PyTorch eager timings include its own normalisation, RPN/NMS and post-processing, like the graphs.
+Contract: ``targets(checkpoint, export_entry, backends, threads, eval_ap)`` yields ``(Target | None, label,
+reason)``: for every requested backend, one ``Target`` per artefact it can run (PyTorch: the checkpoint;
+onnxruntime and OpenVINO: every ONNX artefact, FP32, FP16 and INT8, that passed its gate; TensorRT: every
+gated engine), else ``None`` and a one-line reason (no CUDA device, no onnxruntime provider, OpenVINO or
+TensorRT absent, artefact rejected by its gate). A target's ``backend`` is its row key
+(``row_key(backend, precision)``: ``onnxruntime-cpu``, ``openvino-cpu/int8``, ``tensorrt/fp16``...) and
+``ap`` is the AP of that exact artefact on that runtime as the export gate measured it (CUDA providers
+reuse the CPU-measured AP of the same file). Every target takes the same float32 ``[B, 3, S, S]``
+letterboxed batch (what ``deploy/infer.py`` feeds), so PyTorch eager timings include its own
+normalisation, RPN/NMS and post-processing, like the graphs.
 """
 
 from __future__ import annotations
@@ -25,13 +30,29 @@ from detkd.training import load_detector
 
 @dataclass
 class Target:
-    backend: str
+    backend: str  # row key: runtime-device[/precision]
     artefact: str  # the file timed
     precision: str
     size_mb: float
     run: Callable[[np.ndarray], object]
+    ap: float = float("nan")
     synchronize: Optional[Callable[[], None]] = None
     max_batch: Optional[int] = None
+
+
+def row_key(backend: str, precision: str) -> str:
+    """Benchmark row key: the backend for FP32, ``<backend>/<precision>`` for reduced precision."""
+    return backend if precision == "fp32" else f"{backend}/{precision}"
+
+
+def split_row_key(key: str) -> tuple[str, str]:
+    """``(backend, precision)`` of a row key (inverse of ``row_key``)."""
+    backend, _, precision = key.partition("/")
+    return backend, precision or "fp32"
+
+
+def _mb(path: str) -> float:
+    return Path(path).stat().st_size / 2**20
 
 
 def _torch_target(checkpoint: str, device: str, input_size: int) -> Target:
@@ -46,14 +67,45 @@ def _torch_target(checkpoint: str, device: str, input_size: int) -> Target:
     return Target(f"torch-{device}", checkpoint, "fp32", model_size_mb(detector), run, sync)
 
 
-def targets(checkpoint: str, export_entry: dict, backends: list[str], threads: int) -> Iterator[tuple[Optional[Target], str, str]]:
-    onnx_path = export_entry["onnx"]["path"]
+def _onnx_targets(export_entry: dict, backend: str, threads: int):
+    """onnxruntime (any provider) and OpenVINO targets for every gated ONNX artefact of the entry."""
+    from detkd.errors import BackendUnavailableError
+
+    runtime, device = backend.split("-", 1)
+    gate_backend = f"{runtime}-cpu"  # where the artefact's AP was measured
+    for artefact in export_entry["artefacts"].values():
+        precision, path = artefact["precision"], artefact["path"]
+        label = row_key(backend, precision)
+        if artefact["status"] != "deployable" or gate_backend not in artefact.get("deployable_on", []):
+            reason = artefact.get("reason") or f"{Path(path).name} did not pass its accuracy gate on {gate_backend}"
+            yield None, label, reason
+            continue
+        ap = float(artefact["gates"][gate_backend]["metrics"]["AP"])
+        try:
+            if runtime == "openvino":
+                from detkd.runtime.openvino_runner import OpenVINORunner
+
+                runner = OpenVINORunner(path, threads=threads, precision="f32")
+            else:
+                runner = OnnxRunner(path, providers=(device, "cpu") if device != "cpu" else ("cpu",), threads=threads)
+        except (BackendUnavailableError, DetkdError) as exc:
+            yield None, label, str(exc)
+            continue
+        yield Target(label, path, precision, _mb(path), runner.infer, ap), label, ""
+
+
+def targets(checkpoint: str, export_entry: dict, backends: list[str], threads: int,
+            eval_ap: float = float("nan")) -> Iterator[tuple[Optional[Target], str, str]]:
     for backend in backends:
         if backend == "torch-cpu":
-            yield _torch_target(checkpoint, "cpu", export_entry["input_size"]), backend, ""
+            target = _torch_target(checkpoint, "cpu", export_entry["input_size"])
+            target.ap = eval_ap
+            yield target, backend, ""
         elif backend == "torch-cuda":
             if torch.cuda.is_available():
-                yield _torch_target(checkpoint, "cuda", export_entry["input_size"]), backend, ""
+                target = _torch_target(checkpoint, "cuda", export_entry["input_size"])
+                target.ap = eval_ap
+                yield target, backend, ""
             else:
                 yield None, backend, "no CUDA device"
         elif backend.startswith("onnxruntime-"):
@@ -61,22 +113,24 @@ def targets(checkpoint: str, export_entry: dict, backends: list[str], threads: i
             if provider not in available_providers():
                 yield None, backend, f"onnxruntime here has no {provider} provider (has {', '.join(available_providers())})"
                 continue
-            try:
-                runner = OnnxRunner(onnx_path, providers=(provider, "cpu") if provider != "cpu" else ("cpu",), threads=threads)
-            except DetkdError as exc:
-                yield None, backend, str(exc)
+            yield from _onnx_targets(export_entry, backend, threads)
+        elif backend == "openvino-cpu":
+            from detkd.runtime.openvino_runner import openvino_version
+
+            if openvino_version() is None:
+                yield None, backend, "OpenVINO is not installed (pip install -e '.[openvino]')"
                 continue
-            yield Target(backend, onnx_path, "fp32", Path(onnx_path).stat().st_size / 2**20, runner.infer), backend, ""
+            yield from _onnx_targets(export_entry, backend, threads)
         elif backend == "tensorrt":
-            engines = export_entry.get("engines", {})
+            engines = {p: e for p, e in export_entry.get("engines", {}).items() if e.get("status") == "deployable"}
             if not engines:
-                yield None, backend, "no TensorRT engine was built (see reports/export.json 'tensorrt')"
+                yield None, backend, "no gated TensorRT engine was built (see reports/export.json 'tensorrt')"
                 continue
             from detkd.runtime.trt_runner import TensorRTRunner
 
             for precision, engine in engines.items():
                 runner = TensorRTRunner(engine["path"])
-                yield Target(f"tensorrt-{precision}", engine["path"], precision, Path(engine["path"]).stat().st_size / 2**20,
-                             runner.infer, torch.cuda.synchronize, runner.max_batch), backend, ""
+                yield Target(row_key("tensorrt", precision), engine["path"], precision, _mb(engine["path"]), runner.infer,
+                             float(engine["metrics"]["AP"]), torch.cuda.synchronize, runner.max_batch), backend, ""
         else:
             yield None, backend, f"unknown backend '{backend}'"

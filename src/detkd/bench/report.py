@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from detkd.bench.backends import split_row_key
 from detkd.io import atomic_path, atomic_write_text
 
 
@@ -12,17 +13,19 @@ def machine_line(env: dict) -> str:
     v = env["versions"]
     return (f"{env['cpu']} ({env['cpu_count']} cores; torch threads {env['torch_threads']}, onnxruntime threads "
             f"{env['onnxruntime_threads']}), {gpu}; torch {v['torch']}, onnxruntime {v['onnxruntime']}, "
-            f"TensorRT {v.get('tensorrt') or 'absent'}")
+            f"OpenVINO {v.get('openvino') or 'absent'}, TensorRT {v.get('tensorrt') or 'absent'}")
 
 
 def markdown(report: dict) -> str:
     lines = [f"Machine: {machine_line(report['environment'])}", "",
-             "| model | backend | batch | p50 ms | p90 ms | p99 ms | mean ms | images/s | size MB | AP |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | backend | precision | batch | p50 ms | p90 ms | p99 ms | mean ms | images/s | size MB | AP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, backends in report["results"].items():
-        for backend, rows in backends.items():
+        for key, rows in backends.items():
+            backend = split_row_key(key)[0]
             for batch, r in rows.items():
-                lines.append(f"| {model} | {backend} | {batch.removeprefix('batch')} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
+                lines.append(f"| {model} | {backend} | {r.get('precision', 'fp32').upper()} | {batch.removeprefix('batch')} | "
+                             f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
                              f"{r['p99_ms']:.1f} | {r['mean_ms']:.1f} | {r['throughput_ips']:.1f} | {r['size_mb']:.1f} | "
                              f"{r['AP']:.3f} |")
     targets = report["targets"]
@@ -51,21 +54,26 @@ def plot(report: dict, path: str | Path) -> None:
 
     batches = sorted({b for m in report["results"].values() for rows in m.values() for b in rows},
                      key=lambda b: int(b.removeprefix("batch")))
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.6), squeeze=False)
+    bars = max(sum(batch in rows for m in report["results"].values() for rows in m.values()) for batch in batches)
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), max(3.6, 0.3 * bars + 1.2)), squeeze=False)
+    colours = {"teacher": "#4c72b0", "student": "#8c8c8c", "distilled": "#dd8452"}
     for ax, batch in zip(axes[0], batches):
-        labels, values, errors = [], [], []
+        labels, values, aps, colour = [], [], [], []
         for model, backends in report["results"].items():
-            for backend, rows in backends.items():
+            for key, rows in backends.items():
                 if batch in rows:
                     r = rows[batch]
-                    labels.append(f"{model}\n{backend}")
+                    backend, precision = split_row_key(key)
+                    labels.append(f"{model} · {backend} · {precision.upper()}")
                     values.append(r["p50_ms"])
-                    errors.append([[r["p50_ms"] - min(r["p50_ms"], r["mean_ms"])], [r["p90_ms"] - r["p50_ms"]]])
-        ax.barh(range(len(values)), values, color=["#4c72b0" if "teacher" in l else "#dd8452" for l in labels])
+                    aps.append(r.get("AP", float("nan")))
+                    colour.append(colours.get(model, "#55a868"))
+        ax.barh(range(len(values)), values, color=colour)
         ax.set_yticks(range(len(values)), labels, fontsize=7)
         ax.invert_yaxis()
-        for i, v in enumerate(values):
-            ax.text(v, i, f" {v:.0f}", va="center", fontsize=7)
+        for i, (v, ap) in enumerate(zip(values, aps)):
+            ax.text(v, i, f" {v:.1f} ms · AP {ap:.3f}", va="center", fontsize=6.5)
+        ax.set_xlim(0, max(values) * 1.35)
         ax.set_xlabel("p50 latency (ms)")
         ax.set_title(f"batch {batch.removeprefix('batch')}")
     fig.suptitle(machine_line(report["environment"])[:110], fontsize=7)

@@ -1,10 +1,11 @@
 """Run the benchmark and judge its targets.
 
 Contract: ``run_benchmark(params, checkpoints, export_report, eval_report, data_dir)`` times every model
-on every backend available here (``detkd.bench.backends``) for each of ``benchmark.batch_sizes`` and
-returns ``{"environment", "results", "skipped", "targets"}`` where ``results[model][backend]["batch<B>"]``
-holds the latency statistics, throughput, the artefact's size in MB and the AP *of that artefact* (the
-PyTorch model's from ``evaluate``, the ONNX file's and each engine's from the export gate).
+on every backend available here (``detkd.bench.backends``), every gated artefact of it (FP32, FP16, INT8),
+for each of ``benchmark.batch_sizes`` and returns ``{"environment", "results", "skipped", "targets"}``
+where ``results[model][row]["batch<B>"]`` (``row`` = ``backend`` or ``backend/precision``) holds the
+latency statistics, throughput, precision, the artefact's size in MB and the AP *of that artefact on that
+runtime* (the PyTorch model's from ``evaluate``, every ONNX file's and engine's from the export gate).
 ``check_targets(results)`` compares the distilled student with the teacher on the fastest CPU backend
 and onnxruntime with PyTorch eager on the CPU, per batch size.
 """
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from detkd.bench.backends import targets
+from detkd.bench.backends import split_row_key, targets
 from detkd.bench.latency import latency_stats, time_callable
 from detkd.config import Params
 from detkd.data.dataset import open_split
@@ -29,9 +30,9 @@ from detkd.runtime.preprocess import letterbox, read_image
 MIN_SPEEDUP = 3.0  # distilled student vs teacher, batch 1... each on its fastest FP32 CPU backend
 
 
-def is_cpu_backend(backend: str) -> bool:
-    """CPU backends are named ``<runtime>-cpu`` (torch-cpu, onnxruntime-cpu, ...)."""
-    return backend.endswith("-cpu")
+def is_cpu_backend(row: str) -> bool:
+    """CPU backends are named ``<runtime>-cpu`` (torch-cpu, onnxruntime-cpu, openvino-cpu/int8, ...)."""
+    return split_row_key(row)[0].endswith("-cpu")
 
 
 def cpu_name() -> str:
@@ -47,7 +48,10 @@ def cpu_name() -> str:
 def environment(threads: int) -> dict:
     import onnxruntime
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    from detkd.runtime.openvino_runner import openvino_version
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                "openvino": openvino_version()}
     try:
         import tensorrt
 
@@ -57,14 +61,6 @@ def environment(threads: int) -> dict:
     return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "torch_threads": torch.get_num_threads(), "onnxruntime_threads": threads or os.cpu_count(),
             "platform": platform.platform(), "versions": versions}
-
-
-def _artefact_ap(backend: str, name: str, eval_report: dict, export_entry: dict) -> float:
-    if backend.startswith("torch-"):
-        return float(eval_report[name]["AP"])
-    if backend.startswith("onnxruntime-"):
-        return float(export_entry["onnx"]["metrics"]["AP"])
-    return float(export_entry["engines"][backend.split("-", 1)[1]]["metrics"]["AP"])
 
 
 def _batches(index, info: ModelInfo, sizes: list[int]) -> dict[int, np.ndarray]:
@@ -83,12 +79,13 @@ def run_benchmark(params: Params, checkpoints: dict[str, str], export_report: di
     skipped: dict = {}
     for name, checkpoint in checkpoints.items():
         entry = export_report["models"][name]
-        info = read_model_info(entry["onnx"]["path"])  # letterboxing rule, without opening a session
+        info = read_model_info(entry["artefacts"]["fp32"]["path"])  # letterboxing rule, without opening a session
         batches = _batches(index, info, cfg.batch_sizes)
         results[name] = {}
-        for target, backend, reason in targets(checkpoint, entry, cfg.backends, cfg.threads):
+        for target, backend, reason in targets(checkpoint, entry, cfg.backends, cfg.threads,
+                                               float(eval_report[name]["AP"]) if name in eval_report else float("nan")):
             if target is None:
-                skipped[backend] = reason
+                skipped[backend if backend in cfg.backends else f"{name} {backend}"] = reason  # backend-wide or per artefact
                 continue
             rows = {}
             for b in tqdm(cfg.batch_sizes, desc=f"benchmark {name} {target.backend}", dynamic_ncols=True):
@@ -98,7 +95,7 @@ def run_benchmark(params: Params, checkpoints: dict[str, str], export_report: di
                 batch = batches[b]
                 seconds = time_callable(lambda: target.run(batch), cfg.warmup, cfg.iterations, target.synchronize)
                 rows[f"batch{b}"] = {**latency_stats(seconds, b), "size_mb": target.size_mb, "precision": target.precision,
-                                     "AP": _artefact_ap(target.backend, name, eval_report, entry), "artefact": target.artefact}
+                                     "AP": target.ap, "artefact": target.artefact}
                 log(f"benchmark: {name} {target.backend} batch {b}: p50 {rows[f'batch{b}']['p50_ms']:.1f} ms, "
                     f"{rows[f'batch{b}']['throughput_ips']:.1f} img/s")
             results[name][target.backend] = rows

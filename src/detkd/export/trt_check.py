@@ -2,23 +2,26 @@
 
 TensorRT cannot be installed everywhere the export runs, so before (or instead of) building an engine
 the exported graph is checked against the parser's operator matrix, kept in this package with the
-TensorRT version it documents (``onnx-tensorrt-operators-trt10.0.md``, onnx/onnx-tensorrt
-``docs/operators.md``). Operator names alone are not enough: torchvision's detection graphs use only
+TensorRT version it documents (``onnx-tensorrt-operators-trt10.15.md``, onnx/onnx-tensorrt
+``docs/operators.md`` of the TensorRT 10.15 release, the newest published; TensorRT 11's parser changelogs
+only add operators, and its opset ceiling is 25, so a graph that passes here parses on 11.x too). Operator names alone are not enough: torchvision's detection graphs use only
 listed operators and still fail on the restrictions, so those a graph can show are checked too.
 
 Contract: ``check_model(model) -> list[Violation]`` (empty when the graph passes); every violation
 names the node, its operator and the rule. ``assert_tensorrt_compatible`` raises ``ExportError`` with
 them. Rules (each tested on a graph that breaks it):
 
-- ``opset``: the default-domain opset is inside the parser's range (9-20 for TensorRT 10.0);
+- ``opset``: the default-domain opset is inside the parser's range (9-24 for TensorRT 10.15);
 - ``unsupported``: the operator is missing from the matrix or marked ``N``; operators of other domains
   need a plugin library (only TensorRT's built-in ``EfficientNMS_TRT`` plugin is accepted);
 - ``type``: the operator's data tensor (its first input; the output for generators such as
   ``ConstantOfShape``; ``Where``'s X) has a type the matrix lists for it; UINT8 only as a network input
   or output; DOUBLE is let through (the parser casts it to FLOAT);
-- ``constant-input``: inputs the matrix requires to be initializers (``axes`` of Reduce*, Slice,
-  Squeeze, Unsqueeze, Pad; ``axis`` of CumSum; TopK's ``K``);
-- ``topk``: ``K`` < 3840 and ``sorted`` = 1;
+- ``constant-input``: inputs that the matrix's restriction column says must be an initializer or a
+  constant (read from the table, so they follow its version: in 10.15 ``axes`` of Reduce*, Squeeze and
+  Unsqueeze, CumSum's ``axis``, OneHot's ``depth``; Slice's and Pad's ``axes`` and TopK's ``K`` were
+  relaxed and are no longer checked);
+- ``topk``: ``K`` < 3840 (when it is a constant) and ``sorted`` = 1;
 - ``loop``: no scan outputs unless the trip count is a constant; carried dependencies keep their shape;
 - ``if``: both branches give outputs of equal rank and with different names;
 - ``pooling``: MaxPool without its ``Indices`` output; Max/Average/LpPool dilations all ones;
@@ -39,8 +42,8 @@ from typing import Optional
 
 from detkd.errors import ExportError
 
-MATRIX_FILE = "onnx-tensorrt-operators-trt10.0.md"
-TRT_VERSION = "10.0"
+MATRIX_FILE = "onnx-tensorrt-operators-trt10.15.md"
+TRT_VERSION = "10.15"
 BUILTIN_PLUGINS = {"EfficientNMS_TRT"}
 TOPK_MAX = 3840
 
@@ -49,12 +52,14 @@ _ONNX_TYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOO
                16: "BF16"}
 _OUTPUT_TYPED = {"ConstantOfShape", "RandomNormal", "RandomUniform", "Constant", "EyeLike"}
 _DATA_INPUT = {"Where": 1}
-# op -> (input index, what the matrix calls it) that must be a build-time constant
+# op -> (input index, what the matrix calls it): checked to be a constant when the matrix's restriction for
+# the op says that this input "must be" an initializer / a (build-time) constant / resolvable to a constant
 _CONSTANT_INPUTS = {
     **{op: (1, "axes") for op in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
                                   "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare", "Squeeze", "Unsqueeze")},
-    "Slice": (3, "axes"), "Pad": (3, "axes"), "CumSum": (1, "axis"), "TopK": (1, "K"),
+    "Slice": (3, "axes"), "Pad": (3, "axes"), "CumSum": (1, "axis"), "TopK": (1, "K"), "OneHot": (1, "depth"),
 }
+_CONSTANT_WORDING = re.compile(r"must be (an initializer|a constant|a build-time constant|resolvable to a constant)")
 _RESIZE = {
     "coordinate_transformation_mode": ({"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric",
                                         "align_corners"}, "half_pixel"),
@@ -102,7 +107,8 @@ def parse_matrix(text: str, version: str = TRT_VERSION) -> SupportMatrix:
     found = re.search(r"range of opset (\d+) to opset (\d+)", text)
     if not ops or not found:
         raise ValueError("not an onnx-tensorrt operator matrix (no operator table or opset range found)")
-    return SupportMatrix(version, (int(found.group(1)), int(found.group(2))), ops)
+    stated = re.search(r"TensorRT (\d+(?:\.\d+)*) supports operators", text)
+    return SupportMatrix(stated.group(1) if stated else version, (int(found.group(1)), int(found.group(2))), ops)
 
 
 @lru_cache(maxsize=1)
@@ -213,13 +219,19 @@ def _check_node(node, g: _Graph, matrix: SupportMatrix):
         yield "unsupported", f"the TensorRT {matrix.version} ONNX parser does not support {op}"
         return
     yield from _check_type(node, g, support)
-    if op in _CONSTANT_INPUTS:
+    if op in _CONSTANT_INPUTS and requires_constant(support, _CONSTANT_INPUTS[op][1]):
         index, what = _CONSTANT_INPUTS[op]
         if len(node.input) > index and node.input[index] and not g.is_constant(node.input[index]):
-            yield "constant-input", f"input '{what}' ({node.input[index]}) must be an initializer"
+            yield "constant-input", f"input '{what}' ({node.input[index]}) must be a constant (initializer or Constant)"
     checker = _RULES.get(op)
     if checker:
         yield from checker(node, g)
+
+
+def requires_constant(support: OpSupport, what: str) -> bool:
+    """Whether the matrix's restriction text says that input ``what`` must be an initializer or constant."""
+    text = support.restrictions
+    return f"`{what}`" in text and bool(_CONSTANT_WORDING.search(text.split(f"`{what}`", 1)[1]))
 
 
 def _check_type(node, g: _Graph, support: OpSupport):

@@ -1,4 +1,4 @@
-"""The runner interface shared by onnxruntime and TensorRT, and ``load_runner`` that picks one by suffix.
+"""The runner interface shared by onnxruntime, OpenVINO and TensorRT, and ``load_runner`` that opens a file.
 
 Contract: ``Runner.infer(batch)`` takes a float32 ``[N, 3, S, S]`` array (``S = info.input_size``) and
 returns ``(boxes [N, D, 4], scores [N, D], labels [N, D], num_dets [N])`` as numpy arrays; any other
@@ -66,16 +66,32 @@ class Runner(ABC):
         return results
 
 
-def load_runner(path: str | Path, **options) -> Runner:
-    """An ``OnnxRunner`` for ``.onnx``, a ``TensorRTRunner`` for ``.engine``/``.plan``/``.trt``."""
+RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
+
+
+def load_runner(path: str | Path, runtime: str | None = None, **options) -> Runner:
+    """A runner for ``path``: ``.onnx`` files run on ``runtime`` ``onnxruntime`` (default; options
+    ``providers``, ``threads``) or ``openvino`` (options ``threads``, ``precision``); TensorRT engines
+    (``.engine``/``.plan``/``.trt``) on ``tensorrt``. A file that the runtime cannot take is refused."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
+    if runtime is not None and runtime not in RUNTIMES:
+        raise ModelFileError(f"unknown runtime '{runtime}'; choose from {', '.join(RUNTIMES)}")
     if path.suffix == ".onnx":
+        if runtime == "tensorrt":
+            raise ModelFileError(f"{path}: TensorRT runs engines built from ONNX files (`dvc repro export` on a machine "
+                                 "with a CUDA GPU and TensorRT), not the ONNX file itself")
+        if runtime == "openvino":
+            from detkd.runtime.openvino_runner import OpenVINORunner
+
+            return OpenVINORunner(path, **options)
         from detkd.runtime.onnx_runner import OnnxRunner
 
         return OnnxRunner(path, **options)
     if path.suffix in ENGINE_SUFFIXES:
+        if runtime not in (None, "tensorrt"):
+            raise ModelFileError(f"{path}: a TensorRT engine runs only on the tensorrt runtime, not {runtime}")
         from detkd.runtime.trt_runner import TensorRTRunner
 
         return TensorRTRunner(path, **options)

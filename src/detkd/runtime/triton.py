@@ -1,30 +1,60 @@
-"""Triton Inference Server model repository for an exported detector (ONNX file or TensorRT engine).
+"""Triton Inference Server model repository for an exported detector: an ONNX file (FP32, FP16 or INT8 Q/DQ)
+on Triton's onnxruntime or OpenVINO backend, or a TensorRT engine.
 
-Contract: ``write_model_repository(model_path, repository, name, max_batch, instance)`` creates
-``repository/<name>/config.pbtxt``, ``repository/<name>/1/model.onnx`` (or ``model.plan``) and
-``repository/<name>/labels.txt`` (class names, one per line, label 1 first). The config declares the
-export contract (``images`` FP32 ``[3, S, S]``; ``boxes``, ``scores``, ``labels``, ``num_dets``), Triton's
-batch dimension up to ``max_batch`` with dynamic batching, and the backend (``onnxruntime_onnx`` or
-``tensorrt_plan``).
+Contract: ``write_model_repository(model_path, repository, name=None, max_batch=8, instance=None,
+runtime=None)`` creates ``repository/<name>/config.pbtxt``, ``repository/<name>/1/model.onnx`` (or
+``model.plan``) and ``repository/<name>/labels.txt`` (class names, one per line, background first). The
+config declares the export contract (``images`` FP32 ``[3, S, S]``; ``boxes`` ``[D, 4]``, ``scores``,
+``labels``, ``num_dets``), Triton's batch dimension up to ``max_batch`` with dynamic batching, and the
+backend:
+
+- ``runtime`` defaults from the file: ``.onnx`` -> ``onnxruntime`` (``platform: onnxruntime_onnx``; or
+  ``openvino``: ``backend: "openvino"`` reading ``model.onnx``), engines -> ``tensorrt`` (``tensorrt_plan``);
+- ``instance`` defaults to ``KIND_CPU`` for onnxruntime and OpenVINO and ``KIND_GPU`` for TensorRT;
+- ``name`` defaults to ``detkd_<file stem>`` (``detkd_distilled_int8``), with ``_openvino`` appended for the
+  OpenVINO backend, so every artefact gets its own model.
+
+Triton's OpenVINO backend has no inference-precision parameter; on CPUs with AVX512-BF16 the OpenVINO CPU
+plugin may then run in bf16 (detkd's own runner sets f32 explicitly). The config says so in a comment.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from detkd.errors import ModelFileError
+from detkd.runtime.base import ENGINE_SUFFIXES
 from detkd.runtime.metadata import ModelInfo, read_model_info
 
-PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".engine": ("tensorrt_plan", "model.plan"),
-             ".plan": ("tensorrt_plan", "model.plan"), ".trt": ("tensorrt_plan", "model.plan")}
+BACKENDS = {"onnxruntime": ('platform: "onnxruntime_onnx"', "model.onnx"),
+            "openvino": ('backend: "openvino"\ndefault_model_filename: "model.onnx"', "model.onnx"),
+            "tensorrt": ('platform: "tensorrt_plan"', "model.plan")}
+INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 
 
-def config_pbtxt(info: ModelInfo, name: str, platform: str, max_batch: int, instance: str) -> str:
+def default_runtime(model_path: Path) -> str:
+    return "tensorrt" if model_path.suffix in ENGINE_SUFFIXES else "onnxruntime"
+
+
+def default_name(model_path: Path, runtime: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", model_path.stem)
+    return f"detkd_{stem}" + ("_openvino" if runtime == "openvino" else "")
+
+
+def config_pbtxt(info: ModelInfo, name: str, runtime: str, max_batch: int, instance: str) -> str:
     s, d = info.input_size, info.max_detections
+    backend_lines, _ = BACKENDS[runtime]
+    extra = ""
+    if runtime == "openvino":
+        extra = ('parameters { key: "PERFORMANCE_HINT", value: { string_value: "LATENCY" } }\n'
+                 "# Triton's OpenVINO backend takes no inference-precision setting: on CPUs with AVX512-BF16 the CPU\n"
+                 "# plugin may run in bf16 (AP barely moves; raw outputs drift). detkd's gate measured f32.\n")
     return f"""name: "{name}"
-platform: "{platform}"
+{backend_lines}
 max_batch_size: {max_batch}
 input [
   {{ name: "images", data_type: TYPE_FP32, dims: [ 3, {s}, {s} ] }}
@@ -37,25 +67,34 @@ output [
 ]
 dynamic_batching {{ }}
 instance_group [ {{ count: 1, kind: {instance} }} ]
-parameters {{ key: "detkd.input_format", value: {{ string_value: {json.dumps(info.input_format)} }} }}
+{extra}parameters {{ key: "detkd.input_format", value: {{ string_value: {json.dumps(info.input_format)} }} }}
 parameters {{ key: "detkd.git_commit", value: {{ string_value: "{info.git_commit}" }} }}
 """
 
 
-def write_model_repository(model_path: str | Path, repository: str | Path, name: str, max_batch: int = 8,
-                           instance: str = "KIND_GPU") -> Path:
+def write_model_repository(model_path: str | Path, repository: str | Path, name: Optional[str] = None,
+                           max_batch: int = 8, instance: Optional[str] = None, runtime: Optional[str] = None) -> Path:
     model_path, repository = Path(model_path), Path(repository)
-    if model_path.suffix not in PLATFORMS:
-        raise ModelFileError(f"{model_path}: expected .onnx or a TensorRT engine (.engine/.plan/.trt)")
+    if model_path.suffix != ".onnx" and model_path.suffix not in ENGINE_SUFFIXES:
+        raise ModelFileError(f"{model_path}: expected .onnx or a TensorRT engine ({'/'.join(ENGINE_SUFFIXES)})")
     if not model_path.is_file():
         raise ModelFileError(f"{model_path}: model file not found")
-    if instance not in ("KIND_GPU", "KIND_CPU"):
-        raise ValueError(f"instance must be KIND_GPU or KIND_CPU, got {instance}")
+    runtime = runtime or default_runtime(model_path)
+    if runtime not in BACKENDS:
+        raise ModelFileError(f"unknown Triton backend '{runtime}'; choose from {', '.join(BACKENDS)}")
+    if (runtime == "tensorrt") != (model_path.suffix in ENGINE_SUFFIXES):
+        raise ModelFileError(f"{model_path}: the {runtime} backend takes "
+                             f"{'a TensorRT engine' if runtime == 'tensorrt' else 'an ONNX file'}")
+    instance = instance or ("KIND_GPU" if runtime == "tensorrt" else "KIND_CPU")
+    if instance not in INSTANCE_KINDS:
+        raise ModelFileError(f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, got {instance}")
+    if max_batch < 1:
+        raise ModelFileError(f"max batch must be at least 1, got {max_batch}")
     info = read_model_info(model_path)
-    platform, filename = PLATFORMS[model_path.suffix]
+    name = name or default_name(model_path, runtime)
     target = repository / name
     (target / "1").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(model_path, target / "1" / filename)
+    shutil.copy2(model_path, target / "1" / BACKENDS[runtime][1])
     (target / "labels.txt").write_text("\n".join(["__background__", *info.class_names]) + "\n")
-    (target / "config.pbtxt").write_text(config_pbtxt(info, name, platform, max_batch, instance))
+    (target / "config.pbtxt").write_text(config_pbtxt(info, name, runtime, max_batch, instance))
     return target

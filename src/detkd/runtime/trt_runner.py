@@ -1,10 +1,11 @@
 """TensorRT engine runner (TensorRT's Python API, imported lazily; CUDA buffers through torch).
 
 An engine only runs on the TensorRT version and GPU model it was built for, so the builder writes a
-sidecar ``<engine>.json`` (``engine_sidecar``) with the export metadata, the TensorRT version, the GPU name
-and compute capability, the precision and the largest batch. ``TensorRTRunner`` checks it against this
-machine before deserialising (``check_engine_compatibility``) and says what to rebuild instead of
-failing inside TensorRT.
+sidecar ``<engine>.json`` (``engine_sidecar``) with the export metadata, the TensorRT version (and major),
+the GPU name and compute capability, the precision and the largest batch. ``TensorRTRunner`` checks it
+against this machine before deserialising (``check_engine_compatibility``) and says what to rebuild
+instead of failing inside TensorRT: an engine of another TensorRT major version (a TensorRT 10 engine
+under 11 included) or one without a strongly typed network under TensorRT 11 is refused first.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise BackendUnavailableError("TensorRT is not installed (pip install tensorrt needs NVIDIA's package index "
-                                      "and a CUDA GPU)") from None
+        raise BackendUnavailableError("TensorRT is not installed (pip install -e '.[gpu]' on a machine with an NVIDIA "
+                                      "GPU and driver)") from None
     import torch
 
     if not torch.cuda.is_available():
@@ -34,16 +35,33 @@ def import_tensorrt():
     return tensorrt
 
 
+def tensorrt_major(version: str) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 0
+
+
 def this_machine(trt_version: str) -> dict:
     import torch
 
     major, minor = torch.cuda.get_device_capability()
-    return {"tensorrt_version": trt_version, "device_name": torch.cuda.get_device_name(),
-            "compute_capability": f"{major}.{minor}"}
+    return {"tensorrt_version": trt_version, "tensorrt_major": tensorrt_major(trt_version),
+            "device_name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
 
 
 def check_engine_compatibility(built: dict, here: dict, engine: str) -> None:
     """Raise ``ModelFileError`` if ``built`` (the sidecar) names another TensorRT version or GPU than ``here``."""
+    source = built.get("source") or "its ONNX file"
+    built_major, here_major = tensorrt_major(built.get("tensorrt_version", "")), tensorrt_major(here["tensorrt_version"])
+    if built_major != here_major:
+        raise ModelFileError(f"{engine}: engine built by TensorRT {built.get('tensorrt_version')} cannot run under "
+                             f"TensorRT {here['tensorrt_version']} (another major version); rebuild it from {source} "
+                             "on this machine with `dvc repro export`")
+    if here_major >= 11 and not built.get("strongly_typed", False):
+        raise ModelFileError(f"{engine}: engine was built with TensorRT's removed weak-typing precision flags; "
+                             f"TensorRT {here['tensorrt_version']} needs a strongly typed build: rebuild it from {source} "
+                             "with `dvc repro export`")
     problems = [f"{key.replace('_', ' ')} {built.get(key)!r} (this machine: {here[key]!r})"
                 for key in ("tensorrt_version", "device_name", "compute_capability") if built.get(key) != here[key]]
     if problems:
