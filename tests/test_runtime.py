@@ -378,3 +378,14 @@ def test_a_quantized_artefact_that_fails_its_gate_is_recorded_and_moved_out_of_t
     report = {"models": {"m": {"artefacts": {"fp32": {"precision": "fp32", "status": "deployable"}, "int8": int8,
                                              "fp16": fp16}, "engines": {}}}}
     assert rejected(report) == ["m int8 (onnxruntime-cpu AP 0.4600, openvino-cpu AP 0.4700; allowed drop 0.01)"]
+
+
+def test_benchmark_interleaves_rows_so_a_slow_phase_hits_every_row():
+    from detkd.bench.run import _interleaved
+
+    order = []
+    jobs = [(name, lambda name=name: order.append(name), None) for name in ("a", "b", "c")]
+    seconds = _interleaved(jobs, warmup=5, iterations=7, rounds=3, description="t")
+    assert {k: len(v) for k, v in seconds.items()} == {"a": 7, "b": 7, "c": 7}  # 3 + 2 + 2 timed calls each
+    # pass 1: warm-up 5 + 3 timed per row; passes 2 and 3: 3 untimed + 2 timed; rows alternate pass by pass
+    assert order == ["a"] * 8 + ["b"] * 8 + ["c"] * 8 + (["a"] * 5 + ["b"] * 5 + ["c"] * 5) * 2

@@ -302,6 +302,7 @@ class BenchmarkConfig(_Section):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
     warmup: int = Field(5, ge=0)  # iterations run before timing starts (not timed)
     iterations: int = Field(30, ge=1)
+    rounds: int = Field(5, ge=1)  # the iterations are split into this many interleaved passes over all rows
     threads: int = Field(0, ge=0)  # CPU threads for PyTorch and onnxruntime; 0 = every core
     backends: list[Literal["torch-cpu", "torch-cuda", "onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda",
                            "onnxruntime-tensorrt", "tensorrt"]] = Field(
@@ -310,6 +311,9 @@ class BenchmarkConfig(_Section):
 
     @model_validator(mode="after")
     def _batches(self) -> "BenchmarkConfig":
+        if self.rounds > self.iterations:
+            raise ValueError(f"benchmark.rounds {self.rounds} is more than benchmark.iterations {self.iterations}; "
+                             "each pass needs at least one timed call")
         if any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch_sizes must all be >= 1, got {self.batch_sizes}")
         return self

@@ -28,6 +28,13 @@ ROLES = ("teacher", "student", "distilled")
 LABELS = {"teacher": "teacher", "student": "baseline student", "distilled": "distilled student"}
 COLOURS = {"teacher": "#4c72b0", "student": "#8c8c8c", "distilled": "#dd8452"}
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+RUNTIME_MARKERS = {"torch": "X", "onnxruntime": "o", "openvino": "D", "tensorrt": "*"}
+PRECISION_FILL = {"fp32": "full", "fp16": "left", "int8": "none"}
+
+
+def _runtime(backend: str) -> str:
+    """``onnxruntime`` of ``onnxruntime-cpu/int8``; the device and precision are drawn otherwise."""
+    return backend.split("/")[0].split("-")[0]
 
 
 def artefact_points(benchmark_report: dict, batch: str = "batch1") -> list[dict]:
@@ -115,9 +122,11 @@ def plot(report: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.0, 5.2))
-    backends = sorted({p["backend"] + " " + p["precision"] for p in report["points"]})
-    marker = {b: MARKERS[i % len(MARKERS)] for i, b in enumerate(backends)}
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(10.0, 5.4))
+    runtimes = sorted({_runtime(p["backend"]) for p in report["points"]})
+    marker = {r: RUNTIME_MARKERS.get(r, MARKERS[i % len(MARKERS)]) for i, r in enumerate(runtimes)}
     sizes = report["sizes"]
     if len(sizes) > 1:  # the curves that distillation moves: one line per kind of student, across sizes
         ax.plot([s["baseline_p50_ms"] for s in sizes], [s["baseline_ap"] for s in sizes], "--", color=COLOURS["student"],
@@ -133,10 +142,20 @@ def plot(report: dict, path: str | Path) -> None:
                     ha="right", fontsize=7, color="#555555")
     for a in report["arrows"]:
         _arrow(ax, a["from"], a["to"])
-    for p in report["points"]:  # one point per (model, backend, precision): each its own legend entry
-        kind = p["backend"] + " " + p["precision"]
-        ax.scatter(p["p50_ms"], p["AP"], s=55, marker=marker[kind], color=COLOURS.get(p["model"], "k"), zorder=3,
-                   edgecolors="black", linewidths=0.4, label=f"{LABELS.get(p['model'], p['model'])}, {kind}")
+    for p in report["points"]:  # colour = model, marker = runtime, fill = precision (INT8: hollow, coloured edge)
+        colour = COLOURS.get(p["model"], "k")
+        hollow = PRECISION_FILL.get(p["precision"], "full") == "none"
+        ax.plot(p["p50_ms"], p["AP"], linestyle="none", marker=marker[_runtime(p["backend"])], markersize=8,
+                color=colour, fillstyle=PRECISION_FILL.get(p["precision"], "full"), markerfacecoloralt="white",
+                markeredgecolor=colour if hollow else "black", markeredgewidth=1.8 if hollow else 0.5, zorder=3)
+    handles = [Line2D([], [], ls="none", marker="s", markersize=8, color=COLOURS[m], label=LABELS[m])
+               for m in ROLES if any(p["model"] == m for p in report["points"])]
+    handles += [Line2D([], [], ls="none", marker=marker[r], markersize=7, color="#bbbbbb", markeredgecolor="black",
+                       label=r) for r in runtimes]
+    handles += [Line2D([], [], ls="none", marker="o", markersize=7, color="#888888", fillstyle=PRECISION_FILL[q],
+                       markerfacecoloralt="white", markeredgecolor="#888888" if q == "int8" else "black",
+                       markeredgewidth=1.8 if q == "int8" else 0.5, label=q.upper())
+                for q in PRECISION_FILL if any(p["precision"] == q for p in report["points"])]
     teacher = report["teacher"]
     ax.axhline(TARGET_AP_RATIO * teacher["AP"], color="#999999", ls=":", lw=1, zorder=0)
     ax.axvline(teacher["p50_ms"] / TARGET_SPEEDUP, color="#999999", ls=":", lw=1, zorder=0)
@@ -153,7 +172,9 @@ def plot(report: dict, path: str | Path) -> None:
     ax.set_xlabel(f"p50 latency at batch {report['batch'].removeprefix('batch')} (ms, log scale)  <- faster")
     ax.set_ylabel("COCO box AP (val split)  higher ->")
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+    curves = [h for h in ax.get_legend_handles_labels()[0]]
+    ax.legend(handles=curves + handles, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+              title="colour: model · marker: runtime · fill: precision", title_fontsize=7)
     ax.set_title("What distillation buys on the speed/accuracy plane", fontsize=11)
     fig.text(0.01, 0.005, f"Machine: {report['machine']}", fontsize=6.5, color="#444444")
     fig.tight_layout(rect=(0, 0.03, 1, 1))

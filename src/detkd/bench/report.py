@@ -76,7 +76,9 @@ def plot(report: dict, path: str | Path) -> None:
         ax.set_xlim(0, max(values) * 1.35)
         ax.set_xlabel("p50 latency (ms)")
         ax.set_title(f"batch {batch.removeprefix('batch')}")
-    fig.suptitle(machine_line(report["environment"])[:110], fontsize=7)
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(machine_line(report["environment"]), 140)), fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -1,7 +1,7 @@
 """Run the benchmark and judge its targets.
 
 Contract: ``run_benchmark(params, checkpoints, export_report, eval_report, data_dir)`` times every model
-on every backend available here (``detkd.bench.backends``), every gated artefact of it (FP32, FP16, INT8),
+(all rows interleaved over ``benchmark.rounds`` passes, see ``_interleaved``) on every backend available here (``detkd.bench.backends``), every gated artefact of it (FP32, FP16, INT8),
 for each of ``benchmark.batch_sizes`` and returns ``{"environment", "results", "skipped", "targets"}``
 where ``results[model][row]["batch<B>"]`` (``row`` = ``backend`` or ``backend/precision``) holds the
 latency statistics, throughput, precision, the artefact's size in MB and the AP *of that artefact on that
@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from detkd.bench.backends import split_row_key, targets
+from detkd.bench.backends import Target, split_row_key, targets
 from detkd.bench.latency import latency_stats, time_callable
 from detkd.config import Params
 from detkd.data.dataset import open_split
 from detkd.runtime.metadata import ModelInfo, read_model_info
 from detkd.runtime.preprocess import letterbox, read_image
 
+REVISIT_WARMUP = 3  # untimed calls when a row is visited again in a later pass
 MIN_SPEEDUP = 3.0  # distilled student vs teacher, batch 1... each on its fastest FP32 CPU backend
 
 
@@ -77,6 +78,7 @@ def run_benchmark(params: Params, checkpoints: dict[str, str], export_report: di
     index = open_split(data_dir, "val", params.data.min_box_size)
     results: dict = {}
     skipped: dict = {}
+    runnable: list[tuple[str, Target, dict]] = []  # (model, target, its batches)
     for name, checkpoint in checkpoints.items():
         entry = export_report["models"][name]
         info = read_model_info(entry["artefacts"]["fp32"]["path"])  # letterboxing rule, without opening a session
@@ -86,23 +88,44 @@ def run_benchmark(params: Params, checkpoints: dict[str, str], export_report: di
                                                float(eval_report[name]["AP"]) if name in eval_report else float("nan")):
             if target is None:
                 skipped[backend if backend in cfg.backends else f"{name} {backend}"] = reason  # backend-wide or per artefact
+            else:
+                runnable.append((name, target, batches))
+                results[name][target.backend] = {}
+    for b in cfg.batch_sizes:
+        jobs = []
+        for name, t, batches in runnable:
+            if t.max_batch and b > t.max_batch:
+                skipped[f"{name} {t.backend} batch {b}"] = f"engine built for batch <= {t.max_batch}"
+            else:
+                jobs.append(((name, t.backend), lambda t=t, x=batches[b]: t.run(x), t.synchronize))
+        seconds = _interleaved(jobs, cfg.warmup, cfg.iterations, cfg.rounds, f"benchmark batch {b}")
+        for name, t, _ in runnable:
+            if (name, t.backend) not in seconds:
                 continue
-            rows = {}
-            for b in tqdm(cfg.batch_sizes, desc=f"benchmark {name} {target.backend}", dynamic_ncols=True):
-                if target.max_batch and b > target.max_batch:
-                    skipped[f"{target.backend} batch {b}"] = f"engine built for batch <= {target.max_batch}"
-                    continue
-                batch = batches[b]
-                seconds = time_callable(lambda: target.run(batch), cfg.warmup, cfg.iterations, target.synchronize)
-                rows[f"batch{b}"] = {**latency_stats(seconds, b), "size_mb": target.size_mb, "precision": target.precision,
-                                     "AP": target.ap, "artefact": target.artefact}
-                log(f"benchmark: {name} {target.backend} batch {b}: p50 {rows[f'batch{b}']['p50_ms']:.1f} ms, "
-                    f"{rows[f'batch{b}']['throughput_ips']:.1f} img/s")
-            results[name][target.backend] = rows
+            row = {**latency_stats(seconds[(name, t.backend)], b), "size_mb": t.size_mb, "precision": t.precision,
+                   "AP": t.ap, "artefact": t.artefact}
+            results[name][t.backend][f"batch{b}"] = row
+            log(f"benchmark: {name} {t.backend} batch {b}: p50 {row['p50_ms']:.1f} ms, {row['throughput_ips']:.1f} img/s")
     for backend, reason in skipped.items():
         log(f"benchmark: skipped {backend}: {reason}")
     return {"environment": environment(cfg.threads), "settings": cfg.model_dump(), "results": results,
             "skipped": skipped, "targets": check_targets(results)}
+
+
+def _interleaved(jobs: list[tuple], warmup: int, iterations: int, rounds: int, description: str) -> dict:
+    """Seconds per call of every ``(key, call, synchronize)`` job, measured in ``rounds`` interleaved passes
+    (A B C, A B C, ...) of ``iterations / rounds`` calls each, so that a slow phase of a shared machine hits
+    every row (every model, backend and precision) alike instead of whichever ran then. The first pass warms
+    each job up ``warmup`` calls; later passes run ``REVISIT_WARMUP`` untimed calls first (measured: after
+    another runtime ran, the first calls of a 5 ms model are 10-20 % slower; three calls absorb it)."""
+    per_round = [iterations // rounds + (1 if r < iterations % rounds else 0) for r in range(rounds)]
+    seconds: dict = {key: [] for key, _, _ in jobs}
+    with tqdm(total=iterations * len(jobs), desc=description, dynamic_ncols=True, mininterval=1.0) as bar:
+        for r, n in enumerate(per_round):
+            for key, call, synchronize in jobs:
+                seconds[key] += time_callable(call, warmup if r == 0 else min(warmup, REVISIT_WARMUP), n, synchronize)
+                bar.update(n)
+    return seconds
 
 
 def fastest(results: dict, model: str, batch: str, backends=None, precision: str | None = "fp32") -> tuple[str, float] | None:
