@@ -389,3 +389,12 @@ def test_benchmark_interleaves_rows_so_a_slow_phase_hits_every_row():
     assert {k: len(v) for k, v in seconds.items()} == {"a": 7, "b": 7, "c": 7}  # 3 + 2 + 2 timed calls each
     # pass 1: warm-up 5 + 3 timed per row; passes 2 and 3: 3 untimed + 2 timed; rows alternate pass by pass
     assert order == ["a"] * 8 + ["b"] * 8 + ["c"] * 8 + (["a"] * 5 + ["b"] * 5 + ["c"] * 5) * 2
+
+
+def test_warmup_runs_for_a_count_and_a_time():
+    calls = []
+    time_callable(lambda: calls.append(1), warmup=2, iterations=1, warmup_seconds=0.05)
+    assert len(calls) > 3  # 2 calls would take microseconds; the warm-up lasted 50 ms
+    calls.clear()
+    time_callable(lambda: calls.append(1), warmup=4, iterations=1, warmup_seconds=0.0)
+    assert len(calls) == 5

@@ -301,6 +301,7 @@ class ExportConfig(_Section):
 class BenchmarkConfig(_Section):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
     warmup: int = Field(5, ge=0)  # iterations run before timing starts (not timed)
+    warmup_seconds: float = Field(1.0, ge=0.0)  # ... and for at least this long (runtimes settle after a time)
     iterations: int = Field(30, ge=1)
     rounds: int = Field(5, ge=1)  # the iterations are split into this many interleaved passes over all rows
     threads: int = Field(0, ge=0)  # CPU threads for PyTorch and onnxruntime; 0 = every core

@@ -36,7 +36,7 @@ SMOKE_OVERRIDES = {
     "train_student": {"epochs": 1, "batch_size": 4, "warmup_iters": 1, "checkpoint_every": 2, "log_every": 1},
     "eval": {"batch_size": 4},
     "export": {"gate": {"sample_images": 2}, "quantize": {"calibration_images": 8}, "tensorrt": {"max_batch": 2}},
-    "benchmark": {"batch_sizes": [1, 2], "warmup": 1, "iterations": 2, "rounds": 2},
+    "benchmark": {"batch_sizes": [1, 2], "warmup": 1, "warmup_seconds": 0.0, "iterations": 2, "rounds": 2},
 }
 
 

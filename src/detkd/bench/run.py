@@ -98,7 +98,7 @@ def run_benchmark(params: Params, checkpoints: dict[str, str], export_report: di
                 skipped[f"{name} {t.backend} batch {b}"] = f"engine built for batch <= {t.max_batch}"
             else:
                 jobs.append(((name, t.backend), lambda t=t, x=batches[b]: t.run(x), t.synchronize))
-        seconds = _interleaved(jobs, cfg.warmup, cfg.iterations, cfg.rounds, f"benchmark batch {b}")
+        seconds = _interleaved(jobs, cfg.warmup, cfg.iterations, cfg.rounds, f"benchmark batch {b}", cfg.warmup_seconds)
         for name, t, _ in runnable:
             if (name, t.backend) not in seconds:
                 continue
@@ -112,18 +112,22 @@ def run_benchmark(params: Params, checkpoints: dict[str, str], export_report: di
             "skipped": skipped, "targets": check_targets(results)}
 
 
-def _interleaved(jobs: list[tuple], warmup: int, iterations: int, rounds: int, description: str) -> dict:
+def _interleaved(jobs: list[tuple], warmup: int, iterations: int, rounds: int, description: str,
+                 warmup_seconds: float = 0.0) -> dict:
     """Seconds per call of every ``(key, call, synchronize)`` job, measured in ``rounds`` interleaved passes
     (A B C, A B C, ...) of ``iterations / rounds`` calls each, so that a slow phase of a shared machine hits
     every row (every model, backend and precision) alike instead of whichever ran then. The first pass warms
-    each job up ``warmup`` calls; later passes run ``REVISIT_WARMUP`` untimed calls first (measured: after
+    each job up ``warmup`` calls and at least ``warmup_seconds``; later passes run ``REVISIT_WARMUP`` untimed
+    calls first (measured: after
     another runtime ran, the first calls of a 5 ms model are 10-20 % slower; three calls absorb it)."""
     per_round = [iterations // rounds + (1 if r < iterations % rounds else 0) for r in range(rounds)]
     seconds: dict = {key: [] for key, _, _ in jobs}
     with tqdm(total=iterations * len(jobs), desc=description, dynamic_ncols=True, mininterval=1.0) as bar:
         for r, n in enumerate(per_round):
             for key, call, synchronize in jobs:
-                seconds[key] += time_callable(call, warmup if r == 0 else min(warmup, REVISIT_WARMUP), n, synchronize)
+                first = r == 0
+                seconds[key] += time_callable(call, warmup if first else min(warmup, REVISIT_WARMUP), n, synchronize,
+                                              warmup_seconds if first else 0.0)
                 bar.update(n)
     return seconds
 
