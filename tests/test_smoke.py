@@ -91,9 +91,10 @@ def test_smoke_pipeline_runs_every_stage_tracks_and_is_cached(tmp_path):
     assert all(isinstance(v, (int, float)) for v in headline.values())
     assert headline["speedup_b1"] == pytest.approx(headline["teacher_p50_ms"] / headline["distilled_p50_ms"], rel=1e-2)
     frontier = json.loads((tmp_path / "reports/frontier.json").read_text())
-    measured = {(m, b) for m, backends in bench["results"].items() for b, rows in backends.items() if "batch1" in rows}
-    assert {(p["model"], p["backend"]) for p in frontier["points"]} == measured
-    assert {a["backend"] for a in frontier["arrows"]} == {b for m, b in measured if m == "student"}
+    measured = {(m, b.split("/")[0], r["batch1"]["precision"]) for m, backends in bench["results"].items()
+                for b, r in backends.items() if "batch1" in r}
+    assert {(p["model"], p["backend"], p["precision"]) for p in frontier["points"]} == measured
+    assert {(a["backend"], a["precision"]) for a in frontier["arrows"]} == {(b, q) for m, b, q in measured if m == "student"}
     # the student is built from its own section (narrower than the teacher), and export rebuilt it from the checkpoint
     import torch
 

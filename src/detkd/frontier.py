@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from detkd.bench.backends import split_row_key
 from detkd.bench.report import machine_line
 from detkd.bench.run import MIN_SPEEDUP as TARGET_SPEEDUP
 from detkd.summary import MIN_AP_RATIO as TARGET_AP_RATIO
@@ -44,7 +45,7 @@ def artefact_points(benchmark_report: dict, batch: str = "batch1") -> list[dict]
             row = rows.get(batch)
             if row is None:
                 continue
-            points.append({"model": model, "backend": backend, "precision": row.get("precision", "fp32"),
+            points.append({"model": model, "backend": split_row_key(backend)[0], "precision": row.get("precision", "fp32"),
                            "p50_ms": float(row["p50_ms"]), "AP": float(row["AP"]), "artefact": row.get("artefact", "")})
     return points
 
