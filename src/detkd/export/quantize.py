@@ -26,6 +26,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import re
 import time
@@ -103,13 +104,15 @@ def check_calibration(calibration: np.ndarray, input_size: int) -> None:
 
 @contextlib.contextmanager
 def _quiet_modelopt():
-    """ModelOpt logs every node it skips at INFO; keep its warnings, drop the chatter."""
+    """ModelOpt logs every node it skips at INFO and onnxruntime's calibrator prints its progress to stdout;
+    keep errors, drop the chatter (the stage prints one line per artefact)."""
     loggers = [logging.getLogger(n) for n in ("modelopt", "modelopt.onnx", "modelopt.onnx.autocast", "root")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
