@@ -185,7 +185,7 @@ def test_targets_use_the_fastest_cpu_backend_per_model():
     assert not targets["onnxruntime_vs_torch_cpu"]["distilled"]["batch1"]["met"]
     report = {"environment": _env(), "results": results, "skipped": {"tensorrt": "absent"}, "targets": targets}
     text = markdown(report)
-    assert "| distilled | torch-cpu | FP32 | 1 | 30.0 |" in text and "2.67x faster" in text and "tensorrt: absent" in text
+    assert "| distilled | torch-cpu | FP32 | – | 1 | 30.0 |" in text and "2.67x faster" in text and "tensorrt: absent" in text
     results["student"] = {"torch-cpu": {"batch1": _row(31)}, "onnxruntime-cpu": {"batch1": _row(44)}}
     export = _export((("teacher", "resnet34", 0.5), ("student", "mobilenet_v3_large", 0.3),
                       ("distilled", "mobilenet_v3_large", 0.4)))
@@ -398,3 +398,13 @@ def test_warmup_runs_for_a_count_and_a_time():
     calls.clear()
     time_callable(lambda: calls.append(1), warmup=4, iterations=1, warmup_seconds=0.0)
     assert len(calls) == 5
+
+
+def test_thread_counts_tried_per_cpu_row():
+    import os
+
+    from detkd.bench.run import cpu_thread_options
+
+    assert cpu_thread_options(4, tune=True) == [4, 1] and cpu_thread_options(4, tune=False) == [4]
+    assert cpu_thread_options(1, tune=True) == [1]
+    assert cpu_thread_options(0, tune=True) == ([0, 1] if (os.cpu_count() or 1) > 1 else [0])

@@ -304,7 +304,8 @@ class BenchmarkConfig(_Section):
     warmup_seconds: float = Field(1.0, ge=0.0)  # ... and for at least this long (runtimes settle after a time)
     iterations: int = Field(30, ge=1)
     rounds: int = Field(5, ge=1)  # the iterations are split into this many interleaved passes over all rows
-    threads: int = Field(0, ge=0)  # CPU threads for PyTorch and onnxruntime; 0 = every core
+    threads: int = Field(0, ge=0)  # CPU threads for PyTorch, onnxruntime and OpenVINO; 0 = every core
+    tune_threads: bool = True  # onnxruntime/OpenVINO rows also try 1 thread and keep the faster (recorded per row)
     backends: list[Literal["torch-cpu", "torch-cuda", "onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda",
                            "onnxruntime-tensorrt", "tensorrt"]] = Field(
         default_factory=lambda: ["torch-cpu", "torch-cuda", "onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda",

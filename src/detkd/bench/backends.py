@@ -1,7 +1,7 @@
 """The backends a benchmark can time here, each as a ``Target``: a callable on a letterboxed batch.
 
 Contract: ``targets(checkpoint, export_entry, backends, threads, eval_ap)`` yields ``(Target | None, label,
-reason)``: for every requested backend, one ``Target`` per artefact it can run (PyTorch: the checkpoint;
+reason)`` (onnxruntime and OpenVINO: one target per thread count when ``threads`` is a list): for every requested backend, one ``Target`` per artefact it can run (PyTorch: the checkpoint;
 onnxruntime and OpenVINO: every ONNX artefact, FP32, FP16 and INT8, that passed its gate; TensorRT: every
 gated engine), else ``None`` and a one-line reason (no CUDA device, no onnxruntime provider, OpenVINO or
 TensorRT absent, artefact rejected by its gate). A target's ``backend`` is its row key
@@ -38,6 +38,7 @@ class Target:
     ap: float = float("nan")
     synchronize: Optional[Callable[[], None]] = None
     max_batch: Optional[int] = None
+    threads: Optional[int] = None  # CPU threads of an onnxruntime/OpenVINO session (0 = every core); None: not set here
 
 
 def row_key(backend: str, precision: str) -> str:
@@ -67,8 +68,9 @@ def _torch_target(checkpoint: str, device: str, input_size: int) -> Target:
     return Target(f"torch-{device}", checkpoint, "fp32", model_size_mb(detector), run, sync)
 
 
-def _onnx_targets(export_entry: dict, backend: str, threads: int):
-    """onnxruntime (any provider) and OpenVINO targets for every gated ONNX artefact of the entry."""
+def _onnx_targets(export_entry: dict, backend: str, thread_options: list[int]):
+    """onnxruntime (any provider) and OpenVINO targets for every gated ONNX artefact of the entry, one per
+    thread count in ``thread_options`` (the benchmark keeps the fastest)."""
     from detkd.errors import BackendUnavailableError
 
     runtime, device = backend.split("-", 1)
@@ -81,21 +83,23 @@ def _onnx_targets(export_entry: dict, backend: str, threads: int):
             yield None, label, reason
             continue
         ap = float(artefact["gates"][gate_backend]["metrics"]["AP"])
-        try:
-            if runtime == "openvino":
-                from detkd.runtime.openvino_runner import OpenVINORunner
+        for threads in thread_options:
+            try:
+                if runtime == "openvino":
+                    from detkd.runtime.openvino_runner import OpenVINORunner
 
-                runner = OpenVINORunner(path, threads=threads, precision="f32")
-            else:
-                runner = OnnxRunner(path, providers=(device, "cpu") if device != "cpu" else ("cpu",), threads=threads)
-        except (BackendUnavailableError, DetkdError) as exc:
-            yield None, label, str(exc)
-            continue
-        yield Target(label, path, precision, _mb(path), runner.infer, ap), label, ""
+                    runner = OpenVINORunner(path, threads=threads, precision="f32")
+                else:
+                    runner = OnnxRunner(path, providers=(device, "cpu") if device != "cpu" else ("cpu",), threads=threads)
+            except (BackendUnavailableError, DetkdError) as exc:
+                yield None, label, str(exc)
+                break
+            yield Target(label, path, precision, _mb(path), runner.infer, ap, threads=threads), label, ""
 
 
-def targets(checkpoint: str, export_entry: dict, backends: list[str], threads: int,
+def targets(checkpoint: str, export_entry: dict, backends: list[str], threads: int | list[int],
             eval_ap: float = float("nan")) -> Iterator[tuple[Optional[Target], str, str]]:
+    thread_options = [threads] if isinstance(threads, int) else list(threads)
     for backend in backends:
         if backend == "torch-cpu":
             target = _torch_target(checkpoint, "cpu", export_entry["input_size"])
@@ -113,14 +117,14 @@ def targets(checkpoint: str, export_entry: dict, backends: list[str], threads: i
             if provider not in available_providers():
                 yield None, backend, f"onnxruntime here has no {provider} provider (has {', '.join(available_providers())})"
                 continue
-            yield from _onnx_targets(export_entry, backend, threads)
+            yield from _onnx_targets(export_entry, backend, thread_options)
         elif backend == "openvino-cpu":
             from detkd.runtime.openvino_runner import openvino_version
 
             if openvino_version() is None:
                 yield None, backend, "OpenVINO is not installed (pip install -e '.[openvino]')"
                 continue
-            yield from _onnx_targets(export_entry, backend, threads)
+            yield from _onnx_targets(export_entry, backend, thread_options)
         elif backend == "tensorrt":
             engines = {p: e for p, e in export_entry.get("engines", {}).items() if e.get("status") == "deployable"}
             if not engines:

@@ -18,13 +18,14 @@ def machine_line(env: dict) -> str:
 
 def markdown(report: dict) -> str:
     lines = [f"Machine: {machine_line(report['environment'])}", "",
-             "| model | backend | precision | batch | p50 ms | p90 ms | p99 ms | mean ms | images/s | size MB | AP |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | backend | precision | threads | batch | p50 ms | p90 ms | p99 ms | mean ms | images/s | size MB | AP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, backends in report["results"].items():
         for key, rows in backends.items():
             backend = split_row_key(key)[0]
             for batch, r in rows.items():
-                lines.append(f"| {model} | {backend} | {r.get('precision', 'fp32').upper()} | {batch.removeprefix('batch')} | "
+                lines.append(f"| {model} | {backend} | {r.get('precision', 'fp32').upper()} | {r.get('threads', '–')} | "
+                             f"{batch.removeprefix('batch')} | "
                              f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
                              f"{r['p99_ms']:.1f} | {r['mean_ms']:.1f} | {r['throughput_ips']:.1f} | {r['size_mb']:.1f} | "
                              f"{r['AP']:.3f} |")
