@@ -66,5 +66,6 @@ def main() -> None:
                 print(f"export: registered {params.export.registered_model} version {version} as "
                       f"@{params.export.alias}")
 
+
 if __name__ == "__main__":
     run_main(main)

@@ -20,14 +20,13 @@ import math
 from pathlib import Path
 
 from detkd.bench.backends import split_row_key
-from detkd.bench.report import machine_line
+from detkd.bench.report import MODEL_COLOURS as COLOURS, machine_line
 from detkd.bench.run import MIN_SPEEDUP as TARGET_SPEEDUP
 from detkd.summary import MIN_AP_RATIO as TARGET_AP_RATIO
 from detkd.io import atomic_path, atomic_write_json, atomic_write_text
 
 ROLES = ("teacher", "student", "distilled")
 LABELS = {"teacher": "teacher", "student": "baseline student", "distilled": "distilled student"}
-COLOURS = {"teacher": "#4c72b0", "student": "#8c8c8c", "distilled": "#dd8452"}
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 RUNTIME_MARKERS = {"torch": "X", "onnxruntime": "o", "openvino": "D", "tensorrt": "*"}
 PRECISION_FILL = {"fp32": "full", "fp16": "left", "int8": "none"}

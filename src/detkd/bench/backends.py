@@ -56,7 +56,7 @@ def _mb(path: str) -> float:
     return Path(path).stat().st_size / 2**20
 
 
-def _torch_target(checkpoint: str, device: str, input_size: int) -> Target:
+def _torch_target(checkpoint: str, device: str, input_size: int, ap: float) -> Target:
     detector, _ = load_detector(checkpoint, torch.device(device))
     accept_letterboxed(detector.eval(), input_size)  # every benchmark input is already letterboxed
 
@@ -65,14 +65,12 @@ def _torch_target(checkpoint: str, device: str, input_size: int) -> Target:
         return detector(list(torch.from_numpy(batch).to(device)))
 
     sync = torch.cuda.synchronize if device == "cuda" else None
-    return Target(f"torch-{device}", checkpoint, "fp32", model_size_mb(detector), run, sync)
+    return Target(f"torch-{device}", checkpoint, "fp32", model_size_mb(detector), run, ap, sync)
 
 
 def _onnx_targets(export_entry: dict, backend: str, thread_options: list[int]):
     """onnxruntime (any provider) and OpenVINO targets for every gated ONNX artefact of the entry, one per
     thread count in ``thread_options`` (the benchmark keeps the fastest)."""
-    from detkd.errors import BackendUnavailableError
-
     runtime, device = backend.split("-", 1)
     gate_backend = f"{runtime}-cpu"  # where the artefact's AP was measured
     for artefact in export_entry["artefacts"].values():
@@ -91,7 +89,7 @@ def _onnx_targets(export_entry: dict, backend: str, thread_options: list[int]):
                     runner = OpenVINORunner(path, threads=threads, precision="f32")
                 else:
                     runner = OnnxRunner(path, providers=(device, "cpu") if device != "cpu" else ("cpu",), threads=threads)
-            except (BackendUnavailableError, DetkdError) as exc:
+            except DetkdError as exc:  # runtime absent (BackendUnavailableError) or file refused
                 yield None, label, str(exc)
                 break
             yield Target(label, path, precision, _mb(path), runner.infer, ap, threads=threads), label, ""
@@ -102,14 +100,10 @@ def targets(checkpoint: str, export_entry: dict, backends: list[str], threads: i
     thread_options = [threads] if isinstance(threads, int) else list(threads)
     for backend in backends:
         if backend == "torch-cpu":
-            target = _torch_target(checkpoint, "cpu", export_entry["input_size"])
-            target.ap = eval_ap
-            yield target, backend, ""
+            yield _torch_target(checkpoint, "cpu", export_entry["input_size"], eval_ap), backend, ""
         elif backend == "torch-cuda":
             if torch.cuda.is_available():
-                target = _torch_target(checkpoint, "cuda", export_entry["input_size"])
-                target.ap = eval_ap
-                yield target, backend, ""
+                yield _torch_target(checkpoint, "cuda", export_entry["input_size"], eval_ap), backend, ""
             else:
                 yield None, backend, "no CUDA device"
         elif backend.startswith("onnxruntime-"):
@@ -119,10 +113,12 @@ def targets(checkpoint: str, export_entry: dict, backends: list[str], threads: i
                 continue
             yield from _onnx_targets(export_entry, backend, thread_options)
         elif backend == "openvino-cpu":
-            from detkd.runtime.openvino_runner import openvino_version
+            from detkd.runtime.openvino_runner import import_openvino
 
-            if openvino_version() is None:
-                yield None, backend, "OpenVINO is not installed (pip install -e '.[openvino]')"
+            try:
+                import_openvino()
+            except DetkdError as exc:
+                yield None, backend, str(exc)
                 continue
             yield from _onnx_targets(export_entry, backend, thread_options)
         elif backend == "tensorrt":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from detkd.bench.backends import split_row_key
 from detkd.io import atomic_path, atomic_write_text
+
+MODEL_COLOURS = {"teacher": "#4c72b0", "student": "#8c8c8c", "distilled": "#dd8452"}  # shared with the frontier plot
 
 
 def machine_line(env: dict) -> str:
@@ -57,7 +60,6 @@ def plot(report: dict, path: str | Path) -> None:
                      key=lambda b: int(b.removeprefix("batch")))
     bars = max(sum(batch in rows for m in report["results"].values() for rows in m.values()) for batch in batches)
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), max(3.6, 0.3 * bars + 1.2)), squeeze=False)
-    colours = {"teacher": "#4c72b0", "student": "#8c8c8c", "distilled": "#dd8452"}
     for ax, batch in zip(axes[0], batches):
         labels, values, aps, colour = [], [], [], []
         for model, backends in report["results"].items():
@@ -68,7 +70,7 @@ def plot(report: dict, path: str | Path) -> None:
                     labels.append(f"{model} · {backend} · {precision.upper()}")
                     values.append(r["p50_ms"])
                     aps.append(r.get("AP", float("nan")))
-                    colour.append(colours.get(model, "#55a868"))
+                    colour.append(MODEL_COLOURS.get(model, "#55a868"))
         ax.barh(range(len(values)), values, color=colour)
         ax.set_yticks(range(len(values)), labels, fontsize=7)
         ax.invert_yaxis()
@@ -77,8 +79,6 @@ def plot(report: dict, path: str | Path) -> None:
         ax.set_xlim(0, max(values) * 1.35)
         ax.set_xlabel("p50 latency (ms)")
         ax.set_title(f"batch {batch.removeprefix('batch')}")
-    import textwrap
-
     fig.suptitle("\n".join(textwrap.wrap(machine_line(report["environment"]), 140)), fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -100,28 +100,34 @@ def run_benchmark(params: Params, checkpoints: dict[str, str], export_report: di
             else:
                 jobs.append(((name, t.backend, t.threads), lambda t=t, x=batches[b]: t.run(x), t.synchronize))
         seconds = _interleaved(jobs, cfg.warmup, cfg.iterations, cfg.rounds, f"benchmark batch {b}", cfg.warmup_seconds)
-        for name, t, _ in runnable:
-            if (name, t.backend, t.threads) not in seconds:
-                continue
-            row = {**latency_stats(seconds[(name, t.backend, t.threads)], b), "size_mb": t.size_mb,
-                   "precision": t.precision, "AP": t.ap, "artefact": t.artefact}
-            if t.threads is not None:
-                row["threads"] = t.threads or os.cpu_count()
-            rows = results[name][t.backend]
-            tried = {**rows.get(f"batch{b}", {}).get("p50_ms_by_threads", {}), str(row.get("threads")): row["p50_ms"]}
-            if f"batch{b}" not in rows or row["p50_ms"] < rows[f"batch{b}"]["p50_ms"]:
-                rows[f"batch{b}"] = row
-            if t.threads is not None:
-                rows[f"batch{b}"]["p50_ms_by_threads"] = tried
-        for name, rows in results.items():
-            for key, r in rows.items():
-                if f"batch{b}" in r:
-                    log(f"benchmark: {name} {key} batch {b}: p50 {r[f'batch{b}']['p50_ms']:.1f} ms"
-                        + (f" ({r[f'batch{b}']['threads']} threads)" if "threads" in r[f"batch{b}"] else ""))
+        for name, key, row in _fastest_thread_setting(runnable, seconds, b):
+            results[name][key][f"batch{b}"] = row
+            log(f"benchmark: {name} {key} batch {b}: p50 {row['p50_ms']:.1f} ms"
+                + (f" ({row['threads']} threads)" if "threads" in row else ""))
     for backend, reason in skipped.items():
         log(f"benchmark: skipped {backend}: {reason}")
     return {"environment": environment(cfg.threads), "settings": cfg.model_dump(), "results": results,
             "skipped": skipped, "targets": check_targets(results)}
+
+
+def _fastest_thread_setting(runnable: list, seconds: dict, batch: int):
+    """Yield ``(model, row key, row)`` per benchmark row at ``batch``: targets that differ only in their thread
+    count are one row, the faster one kept, with ``threads`` and every count's p50 (``p50_ms_by_threads``)."""
+    candidates: dict = {}
+    for name, t, _ in runnable:
+        timed = seconds.get((name, t.backend, t.threads))
+        if timed is None:
+            continue
+        row = {**latency_stats(timed, batch), "size_mb": t.size_mb, "precision": t.precision, "AP": t.ap,
+               "artefact": t.artefact}
+        if t.threads is not None:
+            row["threads"] = t.threads or os.cpu_count()
+        candidates.setdefault((name, t.backend), []).append(row)
+    for (name, key), rows in candidates.items():
+        best = dict(min(rows, key=lambda r: r["p50_ms"]))
+        if "threads" in best:
+            best["p50_ms_by_threads"] = {str(r["threads"]): r["p50_ms"] for r in rows}
+        yield name, key, best
 
 
 def cpu_thread_options(threads: int, tune: bool) -> list[int]:

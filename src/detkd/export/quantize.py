@@ -8,7 +8,8 @@ Contract:
 - Only the convolutional network and the heads change precision: the nodes that ``network_nodes`` finds
   (ONNX names under ``NETWORK_SCOPES``, the exporter's names for the backbone + FPN, the RPN or RetinaNet
   head and the RoI box head and predictor). Box decoding, TopK, NMS, RoI pooling and the output-slot
-  arithmetic stay FP32: quantizing them cost 3.5 AP points in a probe, restricting the scope none.
+  arithmetic stay FP32: measured on the default distilled student, ModelOpt's default scope took AP from
+  0.507 to 0.455, this scope to 0.505.
 - ``quantize_int8(src, dst, calibration, method)``: ModelOpt ONNX post-training quantization of the
   ``QUANTIZED_OPS`` in that scope, INT8 weights (stored as INT8, dequantized in the graph) and activations
   with zero zero-points (what TensorRT requires), calibrated on ``calibration``
@@ -61,18 +62,22 @@ def import_modelopt():
 
 def network_nodes(model) -> list[str]:
     """Names of the nodes that belong to the convolutional network and heads (see the module docstring)."""
-    prefixes = tuple(f"/{scope}/" for scope in NETWORK_SCOPES)
-    return [n.name for n in model.graph.node if n.name.startswith(prefixes)]
+    inside = re.compile(network_pattern())
+    return [n.name for n in model.graph.node if inside.match(n.name)]
+
+
+def _scope_alternatives() -> str:
+    return "|".join(re.escape(scope) for scope in NETWORK_SCOPES)
+
+
+def network_pattern() -> str:
+    """One regex (``re.match``, as ModelOpt applies it) for every node name inside ``NETWORK_SCOPES``."""
+    return f"^/(?:{_scope_alternatives()})/"
 
 
 def outside_network_pattern() -> str:
     """One regex (``re.match``) for every node name outside ``NETWORK_SCOPES``."""
-    return "^(?!/(?:" + "|".join(re.escape(s) for s in NETWORK_SCOPES) + ")/)"
-
-
-def _scope_patterns(model) -> list[str]:
-    """ModelOpt takes regexes; exact names (escaped) pin the scope to this graph's nodes."""
-    return [f"^{re.escape(name)}$" for name in network_nodes(model)]
+    return f"^(?!/(?:{_scope_alternatives()})/)"
 
 
 def calibration_set(index, info, count: int, split: str = "train") -> np.ndarray:
@@ -154,16 +159,16 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, met
     source = onnx.load(str(src))
     check_calibration(calibration, source.graph.input[0].type.tensor_type.shape.dim[-1].dim_value)
     mo = import_modelopt()
-    scope = _scope_patterns(source)
     start = time.perf_counter()
     with _quiet_modelopt(), atomic_path(dst) as raw:
         mo.quantization.quantize(str(src), quantize_mode="int8", calibration_data={"images": calibration},
-                                 calibration_method=method, calibration_eps=["cpu"], nodes_to_quantize=scope,
+                                 calibration_method=method, calibration_eps=["cpu"], nodes_to_quantize=[network_pattern()],
                                  op_types_to_quantize=list(QUANTIZED_OPS),
                                  high_precision_dtype="fp32", dq_only=True, log_level="WARNING", output_path=str(raw))
         model = onnx.load(str(raw))
     facts = {"precision": "int8", "tool": f"modelopt {_version('nvidia-modelopt')}", "calibration_images": len(calibration),
-             "calibration_method": method, "scope_nodes": len(scope), "seconds": time.perf_counter() - start}
+             "calibration_method": method, "scope_nodes": len(network_nodes(source)),
+             "seconds": time.perf_counter() - start}
     return _finish(model, source, dst, facts)
 
 

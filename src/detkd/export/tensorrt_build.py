@@ -1,7 +1,7 @@
 """TensorRT engines from the precision-carrying ONNX files: strongly typed networks, no precision flags.
 
-TensorRT 11 removed the weak-typing API (``BuilderFlag.FP16``/``INT8``, INT8 calibrators,
-``set_calibration_profile``): precision now travels in the ONNX file. The export stage makes
+TensorRT 11 removed the weak-typing API (the builder's precision flags and INT8 calibration): precision
+now travels in the ONNX file. The export stage makes
 ``<model>_fp16.onnx`` (ModelOpt AutoCast) and ``<model>_int8.onnx`` (ModelOpt Q/DQ), and this module
 builds each into ``<model>_<precision>.engine`` exactly as typed, on TensorRT 11 (where every network is
 strongly typed) and on TensorRT 10 (where the ``STRONGLY_TYPED`` creation flag asks for the same).
