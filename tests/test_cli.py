@@ -113,7 +113,7 @@ def test_distill_bad_hyper_parameter_fails_before_training(tmp_path):
     from detkd.config import parse_params
 
     raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), SMOKE_OVERRIDES)
-    raw = deep_merge(raw, {"distill": {"method": "gid", "gid": {"topk": 5}}})
+    raw = deep_merge(raw, {"distill": {"method": "gid", "fasterrcnn": {"gid": {"topk": 5}}}})
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(raw))
     assert _stage("prepare.py", "--params", str(params_path), cwd=tmp_path).returncode == 0
@@ -124,5 +124,5 @@ def test_distill_bad_hyper_parameter_fails_before_training(tmp_path):
                                                                    "category_names": manifest["classes"]})
     proc = _stage("train.py", "--role", "student", "--teacher", "t.pt", "--params", str(params_path),
                   "--out", "d.pt", "--history", "d.csv", cwd=tmp_path)
-    _assert_one_line_error(proc, "distill.gid", "unknown hyper-parameter 'topk'", "pre_nms_topk")
+    _assert_one_line_error(proc, "distill.fasterrcnn.gid", "unknown hyper-parameter 'topk'", "pre_nms_topk")
     assert not (tmp_path / "d.pt").exists()

@@ -18,16 +18,32 @@ from conftest import REPO
 
 
 def test_plan_names_params_and_prerequisites():
-    exps = plan("fasterrcnn", ["dsig", "gid"], seeds=2, other_seeds=1)
-    assert [e.name for e in exps] == ["cmp-frcnn-dsig-s0", "cmp-frcnn-gid-s0", "cmp-frcnn-dsig-s1", "cmp-frcnn-gid-s1",
-                                      "cmp-retina-dsig-s0", "cmp-retina-gid-s0"]
-    assert exps[1].set_params() == ["distill.method=gid", "train_student.seed=0"]
-    assert exps[4].set_params() == ["distill.method=dsig", "train_student.seed=0", "model.family=retinanet"]
+    exps = plan(["fasterrcnn", "retinanet"], ["dsig", "gid"], seeds=2)
+    assert [e.name for e in exps] == ["cmp-frcnn-teacher", "cmp-frcnn-dsig-s0", "cmp-frcnn-gid-s0", "cmp-frcnn-dsig-s1",
+                                      "cmp-frcnn-gid-s1", "cmp-retina-teacher", "cmp-retina-dsig-s0", "cmp-retina-gid-s0",
+                                      "cmp-retina-dsig-s1", "cmp-retina-gid-s1"]
+    assert exps[0].set_params() == ["model.family=fasterrcnn"] and exps[0].target == "train_teacher"
+    assert exps[2].set_params() == ["distill.method=gid", "train_student.seed=0", "model.family=fasterrcnn"]
+    assert exps[2].target == "evaluate"  # nothing after evaluate (export, benchmark) is run per experiment
     pre = {e.name: (prerequisite(e, exps).name if prerequisite(e, exps) else None) for e in exps}
-    assert pre == {"cmp-frcnn-dsig-s0": None, "cmp-frcnn-gid-s0": "cmp-frcnn-dsig-s0",
-                   "cmp-frcnn-dsig-s1": "cmp-frcnn-dsig-s0", "cmp-frcnn-gid-s1": "cmp-frcnn-dsig-s1",
-                   "cmp-retina-dsig-s0": None, "cmp-retina-gid-s0": "cmp-retina-dsig-s0"}
-    assert [e.family for e in plan("retinanet", ["dsig"], 1, 0)] == ["retinanet"]
+    assert pre["cmp-frcnn-teacher"] is None and pre["cmp-frcnn-dsig-s0"] == "cmp-frcnn-teacher"
+    assert pre["cmp-frcnn-gid-s0"] == "cmp-frcnn-dsig-s0" and pre["cmp-frcnn-dsig-s1"] == "cmp-frcnn-teacher"
+    assert pre["cmp-frcnn-gid-s1"] == "cmp-frcnn-dsig-s1" and pre["cmp-retina-dsig-s0"] == "cmp-retina-teacher"
+
+
+def test_stale_experiment_is_recognised():
+    """An experiment counts as done only if it ran with the params it would run with now."""
+    from detkd.compare import is_current
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    exp = Experiment("fasterrcnn", "gid", 1)
+    ran = deep_merge(raw, {"distill": {"method": "gid"}, "train_student": {"seed": 1}})
+    assert is_current({"params": {"params.yaml": ran}}, raw, exp)
+    retuned = deep_merge(raw, {"distill": {"fasterrcnn": {"gid": {"w_relation": 4.0}}}})
+    assert not is_current({"params": {"params.yaml": ran}}, retuned, exp)
+    other_family = deep_merge(raw, {"distill": {"retinanet": {"gid": {"w_relation": 4.0}}}})
+    assert is_current({"params": {"params.yaml": ran}}, other_family, exp)  # another family's weights
+    assert not is_current({"params": {}}, raw, exp)
 
 
 def _metrics(teacher, student, distilled):
@@ -50,10 +66,10 @@ def test_parse_exp_show_keeps_finished_experiments_only():
     ]
     out = parse_exp_show(rows)
     assert list(out) == ["cmp-frcnn-dsig-s0"]
-    rec = record_from_metrics(Experiment("fasterrcnn", "dsig", 0, "fasterrcnn"), out["cmp-frcnn-dsig-s0"])
+    rec = record_from_metrics(Experiment("fasterrcnn", "dsig", 0), out["cmp-frcnn-dsig-s0"])
     assert (rec.teacher_ap, rec.baseline_ap, rec.distilled_ap, rec.distill_s_per_iter) == (0.5, 0.3, 0.4, 0.45)
     with pytest.raises(DetkdError, match="cmp-frcnn-gid-s0.*lack"):
-        record_from_metrics(Experiment("fasterrcnn", "gid", 0, "fasterrcnn"), {"metrics": {}})
+        record_from_metrics(Experiment("fasterrcnn", "gid", 0), {"metrics": {}})
 
 
 def _rec(method, seed, base, dist, teacher=0.5, base_sit=0.3, dist_sit=0.45):
@@ -80,18 +96,39 @@ def test_summary_pairs_gains_by_seed_and_computes_gap_share():
     assert t["overhead_within_target"] == {"a": True, "b": False}
 
 
+def test_paired_gain_confidence_interval():
+    from detkd.compare_report import confidence_interval, t_critical
+
+    lo, hi = confidence_interval([0.01, 0.03, 0.02])  # mean 0.02, sample std 0.01, t(2) = 4.303
+    half = 4.303 * 0.01 / math.sqrt(3)
+    assert (lo, hi) == (pytest.approx(0.02 - half), pytest.approx(0.02 + half))
+    assert confidence_interval([0.05]) is None
+    assert t_critical(12) == 2.228 and t_critical(40) == 1.960  # between rows: the wider (smaller df) value
+
+
+def _tune(method, scale, ap, family="fasterrcnn"):
+    return {"family": family, "method": method, "scale": scale, "name": f"t-{method}-{scale}", "dev_ap": ap,
+            "hparams": {} if method == "none" else {"weight": scale}, "seed": 0, "seconds": 10.0,
+            "terms": {"start": {"fpn": 2.0}, "end": {"fpn": 0.5}}}
+
+
 def test_report_files_and_markdown(tmp_path):
-    records = [_rec("dsig", 0, 0.30, 0.40), _rec("gid", 0, 0.30, 0.35)]
+    records = [_rec("dsig", 0, 0.30, 0.40), _rec("gid", 0, 0.30, 0.35), _rec("dsig", 1, 0.32, 0.40),
+               _rec("gid", 1, 0.32, 0.36)]
     step = {"family": "fasterrcnn", "method": "dsig", "baseline_step": 0.3, "teacher_forward": 0.05,
             "distill_step": 0.38, "overhead": 0.03, "overhead_share_of_baseline": 0.1, "iters": 5, "device": "cpu",
             "threads": 2}
-    report = build_report(records, [step], "fasterrcnn")
-    assert report["families"]["fasterrcnn"]["methods"]["dsig"]["step"]["distill_step"] == 0.38
+    tuning = [_tune("none", 1.0, 0.2), *[_tune("dsig", s, ap) for s, ap in ((0.01, 0.25), (0.1, 0.3), (1.0, 0.28))]]
+    report = build_report(records, [step], tuning)
+    fam = report["families"]["fasterrcnn"]
+    assert fam["methods"]["dsig"]["step"]["distill_step"] == 0.38
+    assert fam["tuning"]["methods"]["dsig"]["chosen_scale"] == 0.1 and fam["tuning"]["baseline_dev_ap"] == 0.2
     md = render_markdown(report)
-    assert "| dsig | 1 | 0.400 ± 0.000 | +0.100 | 50% | 1.50x |" in md
+    assert "| dsig | 2 | 0.400 ± 0.000 | +0.090 [" in md
     assert "R18 33.06 -> 37.25" in md  # the published number sits beside ours
+    assert "| dsig | 0.250 / 0.300 / 0.280 | 0.1x | weight 0.1 | fpn 2 -> 0.5 |" in md
     write_report(report, str(tmp_path / "kd"))
-    assert json.loads((tmp_path / "kd.json").read_text())["targets"]["best_method"] == "dsig"
+    assert json.loads((tmp_path / "kd.json").read_text())["families"]["fasterrcnn"]["targets"]["best_method"] == "dsig"
     assert (tmp_path / "kd.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -141,7 +141,7 @@ def test_method_with_a_narrower_student(family, method, tmp_path, plain_student_
 def test_unknown_method_and_unserved_family():
     with pytest.raises(ConfigError, match=r"unknown method 'dsgi'; known methods: .*defeat.*fitnet"):
         build_method("dsgi", "fasterrcnn", 32, 32, {})
-    with pytest.raises(ConfigError, match=r"distill.fitnet: unknown hyper-parameter .wieght.; allowed: weight"):
+    with pytest.raises(ConfigError, match=r"distill.fasterrcnn.fitnet: unknown hyper-parameter .wieght.; allowed: weight"):
         build_method("fitnet", "fasterrcnn", 32, 32, {"wieght": 1.0})
 
 
@@ -308,8 +308,38 @@ def test_method_asked_for_a_family_it_cannot_serve():
         METHODS.pop("one_stage_only")
 
 
+def test_dsig_defaults_are_family_specific():
+    """The official one-stage configs weigh DSIG's edges and head-logit KD 1.0; the two-stage R18<-R50
+    configs 2.0 and 3.0. Values set in params override either."""
+    two, one = build_method("dsig", "fasterrcnn", 32, 32, {}), build_method("dsig", "retinanet", 32, 32, {})
+    assert (two.w_edge, two.w_logits) == (2.0, 3.0) and (one.w_edge, one.w_logits) == (1.0, 1.0)
+    assert build_method("dsig", "retinanet", 32, 32, {"w_edge": 0.25}).w_edge == 0.25
+    from detkd.distill.base import published
+
+    assert published("dsig", "retinanet")["w_edge"] == 1.0 and published("dsig", "fasterrcnn")["w_edge"] == 2.0
+
+
+def test_every_method_declares_its_loss_weights():
+    """The weights ``make compare`` sweeps are constructor arguments of float type."""
+    from detkd.distill.base import published
+
+    for name, cls in METHODS.items():
+        if name == "none":
+            continue
+        assert cls.weight_keys, name
+        for family in cls.families:
+            values = published(name, family)
+            assert all(isinstance(values[k], float) for k in cls.weight_keys), (name, family)
+
+
+def test_negative_loss_weight_is_refused():
+    with pytest.raises(ConfigError, match=r"distill.fasterrcnn.mar.w_mask: a loss weight must be >= 0 .* got -1.0"):
+        build_method("mar", "fasterrcnn", 32, 32, {"w_mask": -1.0})
+    build_method("mar", "fasterrcnn", 32, 32, {"w_mask": 0.0})  # 0 switches the term off
+
+
 def test_hyper_parameter_types_are_checked():
-    with pytest.raises(ConfigError, match=r"distill.gid.k: expected int, got 2.5"):
+    with pytest.raises(ConfigError, match=r"distill.retinanet.gid.k: expected int, got 2.5"):
         build_method("gid", "retinanet", 32, 32, {"k": 2.5})
     build_method("dsig", "fasterrcnn", 32, 32, {"w_fg": 1})  # an int where a float is expected is fine
 

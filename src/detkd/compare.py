@@ -1,16 +1,21 @@
-"""``make compare``: every distillation method against the baseline student, over seeds and families.
+"""``make compare``: every distillation method against the baseline student, tuned alike, on both families.
 
-Contract: ``python -m detkd.compare`` runs one DVC experiment per (family, method, seed)
-(``dvc exp run --temp -n cmp-<family>-<method>-s<seed> -S distill.method=<method>
--S train_student.seed=<seed> [-S model.family=<family>]``; visible in ``dvc exp show``), reusing
-experiments of the same name that already finished (so an interrupted comparison resumes), then times
-a step of each method (``detkd.step_time``) and writes ``reports/kd_compare.json``, ``.md`` and ``.png``.
+Contract: ``python -m detkd.compare`` runs, per family (``--families``, both by default):
 
-Each experiment trains the baseline student and the distilled student from the same seed (same
-initialisation and data order), so gains are paired per seed. The teacher of a family is trained once
-(the first experiment of that family) and restored from DVC's run cache by the others; likewise the
-baseline student of each seed. With ``--jobs N`` experiments run N at a time, each with
-``cpu_count // N`` threads, once the experiment that trains their shared teacher/student has finished.
+1. the teacher, as the DVC experiment ``cmp-<family>-teacher`` (``dvc exp run --temp ... train_teacher``);
+   the later experiments restore it from DVC's run cache;
+2. the tuning sweep (``detkd.tune``): every method's loss weights at 0.01x, 0.1x and 1x their published
+   values, one seed, trained on the ``fit`` split and scored on ``dev`` (both carved from train; val is not
+   read), and the best factor's weights written into ``params.yaml`` (``distill.<family>.<method>``);
+3. one DVC experiment per method and student seed (``cmp-<family>-<method>-s<seed>``: ``dvc exp run --temp
+   -S distill.method=<method> -S train_student.seed=<seed> -S model.family=<family> evaluate``), each
+   training the baseline and the distilled student from that seed, so gains are paired per seed;
+4. a step-time breakdown per method (``detkd.step_time``), and ``reports/kd_compare.{json,md,png}``.
+
+Finished work is reused: tuning records whose settings are unchanged, and experiments whose recorded
+params equal what they would run with now (a stale one is removed and re-run), so an interrupted
+comparison resumes. With ``--jobs N`` runs go N at a time, each with ``cpu_count // N`` threads, once the
+run whose teacher or baseline student they reuse has finished.
 """
 
 from __future__ import annotations
@@ -22,63 +27,100 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from detkd.errors import DetkdError
+from detkd.tune import SHORT
 
 DEFAULT_METHODS = ("fitnet", "dsig", "drkd", "gid", "defeat", "mar")
 FAMILIES = ("fasterrcnn", "retinanet")
-SHORT = {"fasterrcnn": "frcnn", "retinanet": "retina"}
 
 
 @dataclass(frozen=True)
 class Experiment:
+    """One DVC experiment of the comparison; ``method`` "teacher" is the family's teacher-only run."""
+
     family: str
     method: str
-    seed: int
-    default_family: str
+    seed: int = 0
 
     @property
     def name(self) -> str:
+        if self.method == "teacher":
+            return f"cmp-{SHORT[self.family]}-teacher"
         return f"cmp-{SHORT[self.family]}-{self.method}-s{self.seed}"
 
+    @property
+    def target(self) -> str:
+        return "train_teacher" if self.method == "teacher" else "evaluate"
+
     def set_params(self) -> list[str]:
-        sets = [f"distill.method={self.method}", f"train_student.seed={self.seed}"]
-        if self.family != self.default_family:
-            sets.append(f"model.family={self.family}")
+        sets = [f"model.family={self.family}"]
+        if self.method != "teacher":
+            sets = [f"distill.method={self.method}", f"train_student.seed={self.seed}", *sets]
         return sets
 
 
-def plan(default_family: str, methods: list[str], seeds: int, other_seeds: int) -> list[Experiment]:
-    """Experiments in dependency order: per family, seed 0's first method trains the teacher; each
-    seed's first method trains that seed's baseline student."""
+def plan(families: list[str], methods: list[str], seeds: int) -> list[Experiment]:
+    """Experiments in dependency order: per family its teacher, then per seed every method (the seed's
+    first method trains that seed's baseline student)."""
     out = []
-    for family in (default_family, *[f for f in FAMILIES if f != default_family]):
-        n = seeds if family == default_family else other_seeds
-        out += [Experiment(family, m, s, default_family) for s in range(n) for m in methods]
+    for family in families:
+        out.append(Experiment(family, "teacher"))
+        out += [Experiment(family, m, s) for s in range(seeds) for m in methods]
     return out
 
 
 def prerequisite(exp: Experiment, experiments: list[Experiment]) -> Optional[Experiment]:
     """The experiment whose run-cache entries (teacher, baseline student) ``exp`` reuses, if any."""
-    same_family = [e for e in experiments if e.family == exp.family]
-    same_seed = [e for e in same_family if e.seed == exp.seed]
+    if exp.method == "teacher":
+        return None
+    same_seed = [e for e in experiments if e.family == exp.family and e.method != "teacher" and e.seed == exp.seed]
     if exp != same_seed[0]:
         return same_seed[0]
-    return same_family[0] if exp != same_family[0] else None
+    return next((e for e in experiments if e.family == exp.family and e.method == "teacher"), None)
 
 
-# ---- running experiments -------------------------------------------------------------------------
+def expected_params(params_raw: dict, exp: Experiment) -> dict:
+    """The params.yaml sections ``exp``'s result depends on, as they are now (with its ``-S`` values)."""
+    from detkd.config import deep_merge
+
+    raw = deep_merge(params_raw, {"model": {"family": exp.family}})
+    keep = {k: raw.get(k) for k in ("seed", "data", "model", "teacher", "train_teacher")}
+    if exp.method != "teacher":
+        keep["student"] = raw.get("student")
+        keep["train_student"] = {**(raw.get("train_student") or {}), "seed": exp.seed}
+        keep["distill"] = {"method": exp.method,
+                           exp.method: ((raw.get("distill") or {}).get(exp.family) or {}).get(exp.method)}
+    return keep
+
+
+def is_current(result: dict, params_raw: dict, exp: Experiment) -> bool:
+    """Whether a finished experiment ran with the params it would run with now (a stale one is re-run)."""
+    from detkd.config import parse_params
+
+    recorded = (result.get("params") or {}).get("params.yaml")
+    if not recorded:
+        return False
+    try:  # both through the validator, so defaults and number formats compare equal
+        then = parse_params(recorded).model_dump()
+        now = parse_params(params_raw).model_dump()
+    except DetkdError:
+        return False
+    return expected_params(then, exp) == expected_params(now, exp)
+
+
+# ---- running ------------------------------------------------------------------------------------------
 
 def _dvc(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(["dvc", *args], text=True, capture_output=True, **kwargs)
 
 
 def experiment_results() -> dict[str, dict]:
-    """Name -> {"rev", "metrics": {file: data}, "params": {...}} for every experiment of the workspace's
-    baseline commit (``dvc exp show --json``)."""
+    """Name -> {"rev", "metrics": {file: data}, "params": {file: data}} for every finished experiment of the
+    workspace's baseline commit (``dvc exp show --json``)."""
     proc = _dvc(["exp", "show", "--json", "--no-fetch"])
     if proc.returncode != 0:
         raise DetkdError(f"dvc exp show failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -107,16 +149,20 @@ def parse_exp_show(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _thread_env(threads: int) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+
 def run_experiment(exp: Experiment, log_dir: Path, threads: int, retries: int = 3) -> bool:
-    """``dvc exp run --temp`` for ``exp``; the log goes to ``log_dir/<name>.log``. True on success."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    """``dvc exp run --temp`` of ``exp`` up to its target stage; log in ``log_dir/<name>.log``. True on success."""
     log = log_dir / f"{exp.name}.log"
     cmd = ["exp", "run", "--temp", "-n", exp.name]
     for s in exp.set_params():
         cmd += ["-S", s]
+    cmd.append(exp.target)
     for attempt in range(retries):
         with open(log, "w") as fh:
-            proc = subprocess.run(["dvc", *cmd], stdout=fh, stderr=subprocess.STDOUT, env=env, text=True)
+            proc = subprocess.run(["dvc", *cmd], stdout=fh, stderr=subprocess.STDOUT, env=_thread_env(threads), text=True)
         if proc.returncode == 0:
             return True
         if "lock" not in log.read_text()[-2000:].lower():  # only DVC lock contention is worth a retry
@@ -125,42 +171,120 @@ def run_experiment(exp: Experiment, log_dir: Path, threads: int, retries: int = 
     return False
 
 
-def run_all(experiments: list[Experiment], done: set[str], jobs: int, log_dir: Path) -> list[str]:
-    """Run the experiments not in ``done``, ``jobs`` at a time, each after its prerequisite.
+@dataclass
+class Job:
+    """Something to run (a DVC experiment or a tuning run), after the job named ``after``."""
+
+    name: str
+    run: Callable[[int], bool]  # threads -> success
+    after: Optional[str] = None
+    label: str = field(default="")
+
+
+def run_jobs(jobs: list[Job], done: set[str], parallel: int, what: str = "compare") -> list[str]:
+    """Run the jobs not in ``done``, ``parallel`` at a time, each once its ``after`` job has finished.
     Returns the names that failed (their dependants are skipped)."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    pending = [e for e in experiments if e.name not in done]
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    pending = [j for j in jobs if j.name not in done]
     failed: list[str] = []
     finished = set(done)
     running = {}
     total = len(pending)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
         while pending or running:
-            for exp in list(pending):
-                pre = prerequisite(exp, experiments)
-                if pre is not None and pre.name in failed:
-                    pending.remove(exp)
-                    failed.append(exp.name)
-                    print(f"compare: skipping {exp.name} ({pre.name} failed)", flush=True)
-                elif len(running) < jobs and (pre is None or pre.name in finished):
-                    pending.remove(exp)
-                    print(f"compare: [{total - len(pending)}/{total}] {exp.name} "
-                          f"({' '.join(exp.set_params())})", flush=True)
-                    running[pool.submit(run_experiment, exp, log_dir, threads)] = (exp, time.time())
+            for job in list(pending):
+                if job.after is not None and job.after in failed:
+                    pending.remove(job)
+                    failed.append(job.name)
+                    print(f"{what}: skipping {job.name} ({job.after} failed)", flush=True)
+                elif len(running) < parallel and (job.after is None or job.after in finished):
+                    pending.remove(job)
+                    print(f"{what}: [{total - len(pending)}/{total}] {job.name} {job.label}".rstrip(), flush=True)
+                    running[pool.submit(job.run, threads)] = (job, time.time())
             if not running:
                 continue
             ready, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in ready:
-                exp, start = running.pop(fut)
+                job, start = running.pop(fut)
                 ok = fut.result()
-                (finished.add if ok else failed.append)(exp.name)
-                status = "done" if ok else f"FAILED (see {log_dir / (exp.name + '.log')})"
-                print(f"compare: {exp.name} {status} in {time.time() - start:.0f} s", flush=True)
+                (finished.add if ok else failed.append)(job.name)
+                print(f"{what}: {job.name} {'done' if ok else 'FAILED'} in {time.time() - start:.0f} s", flush=True)
     return failed
 
 
-# ---- collecting ------------------------------------------------------------------------------------
+def experiment_jobs(experiments: list[Experiment], log_dir: Path) -> list[Job]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for exp in experiments:
+        pre = prerequisite(exp, experiments)
+        jobs.append(Job(exp.name, lambda threads, e=exp: run_experiment(e, log_dir, threads),
+                        pre.name if pre else None, f"({' '.join(exp.set_params())}; log {log_dir / exp.name}.log)"))
+    return jobs
+
+
+# ---- tuning ----------------------------------------------------------------------------------------------
+
+def tune_records(work: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted(work.glob("tune-*.json")):
+        out[path.stem] = json.loads(path.read_text())
+    return out
+
+
+def tune_key(params, point, teacher: Path) -> str:
+    """What a tuning record depends on; a record with another key is re-run."""
+    from detkd.cli import fingerprint
+    from detkd.tune import point_params
+
+    p = point_params(params, point)
+    return fingerprint(p.model.model_dump(), p.student.model_dump(), p.train_student.model_dump(),
+                       p.distill.hparams(point.family) if point.method != "none" else {}, p.data.model_dump(),
+                       p.seed, teacher.name if point.method != "none" else "")
+
+
+def run_tuning(params, families: list[str], methods: list[str], teachers: dict[str, Path], parallel: int,
+               work: Path, log_dir: Path) -> list[dict]:
+    """The sweep of ``detkd.tune`` for ``families`` x ``methods``; returns every current record."""
+    from detkd.tune import tune_plan
+
+    work.mkdir(parents=True, exist_ok=True)
+    points = tune_plan(families, methods)
+    keys = {pt.name: tune_key(params, pt, teachers[pt.family]) for pt in points}
+    records = tune_records(work)
+    done = {n for n, r in records.items() if r.get("key") == keys.get(n)}
+
+    def runner(pt):
+        def run(threads: int) -> bool:
+            cmd = [sys.executable, "-m", "detkd.tune", "--family", pt.family, "--method", pt.method,
+                   "--scale", repr(pt.scale), "--work", str(work), "--key", keys[pt.name]]
+            if pt.method != "none":
+                cmd += ["--teacher", str(teachers[pt.family])]
+            with open(log_dir / f"{pt.name}.log", "w") as fh:
+                return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_thread_env(threads)).returncode == 0
+        return run
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [Job(pt.name, runner(pt), label=f"(log {log_dir / pt.name}.log)") for pt in points]
+    failed = run_jobs(jobs, done, parallel, what="tune")
+    if failed:
+        raise DetkdError(f"tuning runs failed: {', '.join(failed)} (logs in {log_dir}); fix and re-run make compare")
+    records = tune_records(work)
+    return [records[pt.name] for pt in points]
+
+
+def apply_tuning(records: list[dict], params_path: str) -> list[str]:
+    """Write each (family, method)'s chosen weights into params.yaml; returns one line per change."""
+    from detkd.tune import apply_choice, choose
+
+    lines = []
+    for (family, method), rec in choose(records).items():
+        if apply_choice(params_path, family, method, rec["hparams"]):
+            lines.append(f"compare: {params_path}: distill.{family}.{method} <- {rec['hparams']} "
+                         f"(x{rec['scale']:g}, dev AP {rec['dev_ap']:.3f})")
+    return lines
+
+
+# ---- collecting ------------------------------------------------------------------------------------------
 
 @dataclass
 class RunRecord:
@@ -212,22 +336,37 @@ def teacher_checkpoint(rev: str, repo: Path = Path(".")) -> Path:
     raise DetkdError(f"experiment {rev[:7]}: dvc.lock has no models/teacher.pt output")
 
 
-# ---- main ----------------------------------------------------------------------------------------------
+# ---- main ------------------------------------------------------------------------------------------------
+
+def _refresh(experiments: list[Experiment], params_raw: dict) -> tuple[dict, set[str]]:
+    """Finished experiments, and the names among ``experiments`` that are current (stale ones removed)."""
+    results = experiment_results()
+    stale = [e.name for e in experiments if e.name in results and not is_current(results[e.name], params_raw, e)]
+    if stale:
+        print(f"compare: re-running {len(stale)} experiment(s) whose params changed: {', '.join(stale)}", flush=True)
+        _dvc(["exp", "remove", *stale])
+        results = {k: v for k, v in results.items() if k not in stale}
+    return results, {e.name for e in experiments if e.name in results}
+
 
 def main(argv: Optional[list[str]] = None) -> None:
+    import yaml
+
     from detkd.compare_report import build_report, write_report
     from detkd.config import load_params
 
     parser = argparse.ArgumentParser(prog="python -m detkd.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3, help="student seeds for the default family")
-    parser.add_argument("--other-seeds", type=int, default=1, help="student seeds for the other family (0: skip it)")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--seeds", type=int, default=3, help="student seeds per family")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
-    parser.add_argument("--jobs", type=int, default=1, help="experiments at a time (threads are split)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (threads are split)")
+    parser.add_argument("--no-tune", action="store_true", help="keep params.yaml's weights (no sweep)")
     parser.add_argument("--step-iters", type=int, default=20, help="timed steps per method (0: skip timing)")
+    parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="reports/kd_compare", help="writes <out>.json, <out>.md, <out>.png")
-    parser.add_argument("--logs", default=".dvc/tmp/compare-logs")
-    parser.add_argument("--no-run", action="store_true", help="only collect finished experiments and report")
+    parser.add_argument("--work", default=".dvc/tmp/compare", help="tuning records and logs")
+    parser.add_argument("--no-run", action="store_true", help="only collect finished runs and report")
     args = parser.parse_args(argv)
 
     from detkd.distill import METHODS
@@ -235,39 +374,58 @@ def main(argv: Optional[list[str]] = None) -> None:
     unknown = [m for m in args.methods if m not in METHODS or m == "none"]
     if unknown:
         raise DetkdError(f"--methods: unknown {unknown}; choose from {', '.join(m for m in sorted(METHODS) if m != 'none')}")
-    if args.seeds < 1 or args.other_seeds < 0 or args.jobs < 1:
-        raise DetkdError("--seeds must be >= 1, --other-seeds >= 0 and --jobs >= 1")
-    params = load_params("params.yaml")
-    experiments = plan(params.model.family, args.methods, args.seeds, args.other_seeds)
-    results = experiment_results()
+    if args.seeds < 1 or args.jobs < 1:
+        raise DetkdError("--seeds and --jobs must be >= 1")
+    work, logs = Path(args.work), Path(args.work) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    params_raw = lambda: yaml.safe_load(Path(args.params).read_text())  # noqa: E731  (re-read after tuning)
+
+    experiments = plan(args.families, args.methods, args.seeds)
+    teachers_exps = [e for e in experiments if e.method == "teacher"]
+    results, done = _refresh(teachers_exps, params_raw())
     if not args.no_run:
-        failed = run_all(experiments, set(results), args.jobs, Path(args.logs))
-        results = experiment_results()
+        failed = run_jobs(experiment_jobs(teachers_exps, logs), done, args.jobs)
+        if failed:
+            raise DetkdError(f"teacher experiment(s) failed: {', '.join(failed)} (logs in {logs})")
+        results, _ = _refresh(teachers_exps, params_raw())
+    teachers = {e.family: teacher_checkpoint(results[e.name]["rev"]) for e in teachers_exps if e.name in results}
+
+    tuning = []
+    if not args.no_tune and teachers:
+        params = load_params(args.params)
+        if args.no_run:
+            tuning = [r for r in tune_records(work).values() if r["family"] in teachers]
+        else:
+            tuning = run_tuning(params, list(teachers), args.methods, teachers, args.jobs, work, logs)
+            for line in apply_tuning(tuning, args.params):
+                print(line, flush=True)
+
+    students = [e for e in experiments if e.method != "teacher"]
+    results, done = _refresh(experiments, params_raw())
+    if not args.no_run:
+        failed = run_jobs(experiment_jobs(experiments, logs), done, args.jobs)
         if failed:
             print(f"compare: {len(failed)} experiment(s) failed: {', '.join(failed)}", file=sys.stderr)
-    records = [record_from_metrics(e, results[e.name]) for e in experiments if e.name in results]
+        results, _ = _refresh(experiments, params_raw())
+    records = [record_from_metrics(e, results[e.name]) for e in students if e.name in results]
     if not records:
         raise DetkdError("no finished comparison experiments to report (run without --no-run)")
 
+    params = load_params(args.params)
     step_times = []
     if args.step_iters:
-        step_times = measure_all_step_times(params, experiments, results, args.methods, args.step_iters)
-    report = build_report(records, step_times, default_family=params.model.family)
+        step_times = measure_all_step_times(params, teachers, args.methods, args.step_iters)
+    report = build_report(records, step_times, tuning)
     write_report(report, args.out)
     print(f"compare: wrote {args.out}.json, {args.out}.md, {args.out}.png")
 
 
-def measure_all_step_times(params, experiments: list[Experiment], results: dict, methods: list[str],
-                           iters: int) -> list[dict]:
+def measure_all_step_times(params, teachers: dict[str, Path], methods: list[str], iters: int) -> list[dict]:
     """Step-time breakdown per (family, method), with each family's trained teacher."""
     from detkd.step_time import measure_step_times
 
     out = []
-    for family in dict.fromkeys(e.family for e in experiments):
-        first = next((e for e in experiments if e.family == family and e.name in results), None)
-        if first is None:
-            continue
-        teacher = teacher_checkpoint(results[first.name]["rev"])
+    for family, teacher in teachers.items():
         fam_params = params.model_copy(update={"model": params.model.model_copy(update={"family": family})})
         for method in methods:
             print(f"compare: timing {family}/{method} ({iters} steps)", flush=True)

@@ -64,6 +64,9 @@ class DataConfig(_Section):
     source: Literal["synthetic", "coco"] = "synthetic"
     root: Optional[str] = None  # the COCO directory when source == coco
     min_box_size: float = Field(1.0, ge=0.0)  # boxes smaller than this (px, after clipping) are dropped
+    # share of the train images held out as the 'dev' split (hyper-parameters are chosen on it, never on
+    # val); the rest is the 'fit' split. 0 carves nothing (then `make compare` cannot tune).
+    dev_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     synthetic: SyntheticConfig = SyntheticConfig()
     coco: CocoConfig = CocoConfig()
 
@@ -213,11 +216,11 @@ class TrainConfig(_Section):
 HParams = dict[str, float | int | bool]
 
 
-class DistillConfig(_Section):
-    """``method`` selects the method; ``<method>`` holds its hyper-parameters (constructor keyword arguments,
-    checked against the method's signature before training starts)."""
+class MethodHParams(_Section):
+    """One family's hyper-parameters per method (constructor keyword arguments, checked against the
+    method's signature before training starts). Unset keys take the method's published values for the
+    family (``DistillMethod.published``)."""
 
-    method: Literal["none", "fitnet", "dsig", "drkd", "gid", "defeat", "mar"] = "dsig"
     none: HParams = Field(default_factory=dict)
     fitnet: HParams = Field(default_factory=dict)
     dsig: HParams = Field(default_factory=dict)
@@ -226,8 +229,19 @@ class DistillConfig(_Section):
     defeat: HParams = Field(default_factory=dict)
     mar: HParams = Field(default_factory=dict)
 
-    def hparams(self) -> dict:
-        return dict(getattr(self, self.method))
+
+class DistillConfig(_Section):
+    """``method`` selects the method; ``<family>.<method>`` holds its hyper-parameters for that detector
+    family (the loss weights that ``make compare`` chose on the dev split, and the size-dependent settings).
+    Only the section of ``model.family`` is used, so switching family needs no other edit."""
+
+    method: Literal["none", "fitnet", "dsig", "drkd", "gid", "defeat", "mar"] = "dsig"
+    fasterrcnn: MethodHParams = MethodHParams()
+    retinanet: MethodHParams = MethodHParams()
+
+    def hparams(self, family: str) -> dict:
+        """The configured hyper-parameters of ``method`` for ``family`` (published values fill the rest)."""
+        return dict(getattr(getattr(self, family), self.method))
 
 
 class EvalConfig(_Section):
@@ -409,7 +423,9 @@ def _format_error(source: str, err: dict, model: type[BaseModel]) -> str:
 
 
 # keys that moved, old dotted path -> new one
-_MOVED = {"export.tensorrt.precisions": "export.precisions (each precision is an ONNX file; engines are built from them)",
+_MOVED = {**{f"distill.{m}": f"distill.fasterrcnn.{m} / distill.retinanet.{m} (hyper-parameters are set per family)"
+             for m in ("none", "fitnet", "dsig", "drkd", "gid", "defeat", "mar")},
+          "export.tensorrt.precisions": "export.precisions (each precision is an ONNX file; engines are built from them)",
           "export.tensorrt.calibration_images": "export.quantize.calibration_images (train-split images)"}
 
 

@@ -33,19 +33,21 @@ def train_detector(
     on_log=None,
     run_id: Optional[str] = None,
     teacher_path: Optional[str | Path] = None,
+    split: str = "train",
 ) -> TrainResult:
     """With ``teacher_path`` the student is distilled from that teacher with ``params.distill``: same
     initialisation (seed), data order and schedule as the baseline student, plus the method's terms.
-    The stage's seed is ``train_<role>.seed`` when set, else the top-level ``seed``."""
+    The stage's seed is ``train_<role>.seed`` when set, else the top-level ``seed``. ``split`` is the
+    manifest split trained on (``fit``, train without dev, when tuning hyper-parameters)."""
     network = getattr(params, role)
     schedule = getattr(params, f"train_{role}")
-    index = open_split(data_dir, "train", params.data.min_box_size)
+    index = open_split(data_dir, split, params.data.min_box_size)
     spec = make_spec(params.model.family, network.backbone, index.num_classes, params.detector_config(role))
     seed = params.stage_seed(role)
     seed_everything(seed)
     model = build_detector(spec, network.weights, network.backbone_weights)
     device = pick_device(dist_info)
-    key = fingerprint(spec.to_dict(), schedule.model_dump(), network.model_dump(), seed, load_manifest(data_dir))
+    key = fingerprint(spec.to_dict(), schedule.model_dump(), network.model_dump(), seed, load_manifest(data_dir), split)
     module, distill_meta = model, None
     if teacher_path is not None:
         module, distill_meta = build_distillation_model(params, model, spec, index, teacher_path)
@@ -62,6 +64,7 @@ def train_detector(
             "role": role,
             "category_ids": index.category_ids,
             "category_names": index.category_names,
+            "train_split": split,
             "git_commit": git_commit(),
             "mlflow_run_id": run_id or "",
             "train": {
@@ -84,9 +87,11 @@ def build_distillation_model(params: Params, student: torch.nn.Module, spec, ind
     """Wrap ``student`` with the frozen teacher and the configured method; every check runs here, before
     any training step (unknown method, family it cannot serve, bad hyper-parameter, incompatible teacher)."""
     from detkd.distill import build_method
+    from detkd.distill.base import resolve_hparams
     from detkd.distill.wrapper import DistillationModel, check_compatible
 
-    method_name, hparams = params.distill.method, params.distill.hparams()
+    method_name = params.distill.method
+    hparams = resolve_hparams(method_name, spec.family, params.distill.hparams(spec.family))
     teacher, teacher_meta = load_detector(teacher_path)
     for line in teacher_notes(params, spec, teacher_meta, teacher_path):
         print(line)

@@ -32,7 +32,9 @@ def load_manifest(prepared_dir: str | Path) -> dict:
 
 
 def split_paths(prepared_dir: str | Path, split: str) -> tuple[Path, Path]:
-    """(annotation file, image directory) of ``split`` ('train' or 'val') as recorded in the manifest."""
+    """(annotation file, image directory) of ``split`` ('train', 'val', or the 'fit'/'dev' halves of train)
+    as recorded in the manifest. Paths are relative to the data root, except annotation files the
+    prepare stage wrote itself (``"annotations_in": "manifest"``), which are relative to the manifest."""
     prepared_dir = Path(prepared_dir)
     manifest = load_manifest(prepared_dir)
     if split not in manifest.get("splits", {}):
@@ -40,7 +42,8 @@ def split_paths(prepared_dir: str | Path, split: str) -> tuple[Path, Path]:
     entry = manifest["splits"][split]
     root = Path(manifest["root"])
     root = root if root.is_absolute() else prepared_dir / root
-    return root / entry["annotations"], root / entry["images"]
+    annotations_root = prepared_dir if entry.get("annotations_in") == "manifest" else root
+    return annotations_root / entry["annotations"], root / entry["images"]
 
 
 def open_split(prepared_dir: str | Path, split: str, min_box_size: float = 1.0, check_files: bool = True) -> CocoIndex:

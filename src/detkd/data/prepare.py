@@ -1,15 +1,23 @@
 """The ``prepare`` stage's library half: make (synthetic) or validate (COCO) the dataset and write the
 manifest ``dataset.json`` that every later stage opens the data through.
 
+Besides ``train`` and ``val`` the manifest names two splits carved from train, for choosing
+hyper-parameters without touching val: ``dev`` (``data.dev_fraction`` of the train images, drawn with the
+top-level seed) and ``fit`` (the other train images). Their annotation files are written here, next to the
+manifest; their images are train's.
+
 The output directory is built in a temporary sibling and renamed into place only when complete.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from detkd.config import DataConfig
 from detkd.data.coco import read_coco
@@ -52,6 +60,12 @@ def prepare_dataset(out_dir: str | Path, data: DataConfig, seed: int) -> dict:
             if classes is not None and names != classes:
                 raise DataError(f"{base / entry['annotations']}: categories differ from the train split's")
             classes = names
+        if data.dev_fraction > 0:
+            for split, entry in carve_dev_split(base / splits["train"]["annotations"], work, data.dev_fraction,
+                                                seed).items():
+                splits[split] = {"images": splits["train"]["images"], "annotations": entry, "annotations_in": "manifest"}
+                index = read_coco(work / entry, base / splits["train"]["images"], min_box_size=data.min_box_size)
+                stats[split] = index.stats
         manifest = {
             "source": data.source,
             "root": root,
@@ -68,3 +82,28 @@ def prepare_dataset(out_dir: str | Path, data: DataConfig, seed: int) -> dict:
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+
+
+DEV_SEED_OFFSET = 7919  # the dev draw uses its own stream, so it does not move when the data generator changes
+
+
+def carve_dev_split(train_annotations: Path, out_dir: Path, fraction: float, seed: int) -> dict[str, str]:
+    """Split train's images into ``dev`` (``fraction`` of them, at least one, drawn with ``seed``) and ``fit``
+    (the rest, at least one); write each as a COCO file under ``out_dir/annotations``. Returns split ->
+    annotation path relative to ``out_dir``. Every image of train is in exactly one of the two."""
+    coco = json.loads(Path(train_annotations).read_text())
+    ids = sorted(int(im["id"]) for im in coco["images"])
+    count = round(len(ids) * fraction)
+    if not 1 <= count < len(ids):
+        raise DataError(f"data.dev_fraction {fraction}: leaves {count} of the {len(ids)} train images for dev; "
+                        "dev and fit each need at least one image (or set 0 to carve nothing)")
+    dev = set(np.random.default_rng(seed + DEV_SEED_OFFSET).choice(ids, size=count, replace=False).tolist())
+    out = {}
+    for split, keep in (("dev", lambda i: i in dev), ("fit", lambda i: i not in dev)):
+        subset = {**coco, "images": [im for im in coco["images"] if keep(int(im["id"]))],
+                  "annotations": [a for a in coco["annotations"] if keep(int(a["image_id"]))]}
+        rel = f"annotations/instances_{split}.json"
+        (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / rel, subset)
+        out[split] = rel
+    return out

@@ -53,6 +53,10 @@ class DistillMethod(nn.Module, abc.ABC):
 
     name: ClassVar[str] = ""
     families: ClassVar[tuple[str, ...]] = ("fasterrcnn", "retinanet")
+    # the loss weights (constructor arguments): what ``make compare`` sweeps together, never negative
+    weight_keys: ClassVar[tuple[str, ...]] = ()
+    # published values that differ by family, over the constructor's defaults (which are the two-stage ones)
+    family_defaults: ClassVar[dict[str, dict]] = {}
     needs_teacher_dense: ClassVar[bool] = False
     # set by methods that read ``student_cls_features``: the wrapper then records them during the
     # student's own forward instead of recomputing the classification branch
@@ -76,30 +80,58 @@ def register(cls: type[DistillMethod]) -> type[DistillMethod]:
     return cls
 
 
-def build_method(name: str, family: str, student_channels: int, teacher_channels: int, hparams: dict) -> DistillMethod:
-    """Instantiate ``METHODS[name]``; errors name the method, the family or the bad hyper-parameter."""
+def method_class(name: str, family: str) -> type[DistillMethod]:
+    """``METHODS[name]`` if it serves ``family``; else a ``ConfigError`` naming what is allowed."""
     if name not in METHODS:
         raise ConfigError(f"distill.method: unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
     if family not in cls.families:
         raise ConfigError(f"distill.method: '{name}' does not serve {family} detectors (it serves: {', '.join(cls.families)})")
-    _check_hparams(cls, name, hparams)
-    return cls(family, student_channels, teacher_channels, **hparams)
+    return cls
 
 
-def _check_hparams(cls: type, name: str, hparams: dict) -> None:
-    """Unknown names and wrong types are ``ConfigError``s naming ``distill.<method>.<key>``."""
+def published(name: str, family: str) -> dict:
+    """Every hyper-parameter of method ``name`` at its published value for ``family``."""
+    import inspect
+
+    cls = METHODS[name]
+    params = inspect.signature(cls.__init__).parameters
+    values = {k: p.default for k, p in params.items() if k not in _NOT_HPARAMS}
+    return {**values, **cls.family_defaults.get(family, {})}
+
+
+def resolve_hparams(name: str, family: str, hparams: dict) -> dict:
+    """The hyper-parameters a method runs with: ``hparams`` (checked) over the published values."""
+    cls = method_class(name, family)
+    _check_hparams(cls, f"distill.{family}.{name}", hparams)
+    return {**published(name, family), **hparams}
+
+
+def build_method(name: str, family: str, student_channels: int, teacher_channels: int, hparams: dict) -> DistillMethod:
+    """Instantiate ``METHODS[name]`` with ``hparams`` over the family's published values; errors name the
+    method, the family or the bad hyper-parameter."""
+    resolved = resolve_hparams(name, family, hparams)
+    return METHODS[name](family, student_channels, teacher_channels, **resolved)
+
+
+_NOT_HPARAMS = ("self", "family", "student_channels", "teacher_channels")
+
+
+def _check_hparams(cls: type, where: str, hparams: dict) -> None:
+    """Unknown names, wrong types and negative loss weights are ``ConfigError``s naming ``where.<key>``."""
     import inspect
 
     params = inspect.signature(cls.__init__).parameters
-    allowed = [p for p in params if p not in ("self", "family", "student_channels", "teacher_channels")]
+    allowed = [p for p in params if p not in _NOT_HPARAMS]
     for key, value in hparams.items():
         if key not in allowed:
-            raise ConfigError(f"distill.{name}: unknown hyper-parameter '{key}'; allowed: {', '.join(allowed)}")
+            raise ConfigError(f"{where}: unknown hyper-parameter '{key}'; allowed: {', '.join(allowed)}")
         default = params[key].default
         ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
         if isinstance(value, bool) != isinstance(default, bool) or not ok:
-            raise ConfigError(f"distill.{name}.{key}: expected {type(default).__name__}, got {value!r}")
+            raise ConfigError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
+        if key in cls.weight_keys and value < 0:
+            raise ConfigError(f"{where}.{key}: a loss weight must be >= 0 (0 switches the term off), got {value!r}")
 
 
 # ---- small shared helpers (used by several methods) -------------------------------------------------

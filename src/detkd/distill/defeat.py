@@ -68,6 +68,7 @@ def _near_zero_conv(student_channels: int, teacher_channels: int) -> nn.Conv2d:
 @register
 class DeFeat(DistillMethod):
     name = "defeat"
+    weight_keys = ("alpha_obj", "alpha_bg", "beta_obj", "beta_bg")
 
     def __init__(self, family: str, student_channels: int, teacher_channels: int, alpha_obj: float = 4.0,
                  alpha_bg: float = 16.0, beta_obj: float = 2.0, beta_bg: float = 2.0, tau: float = 1.0,

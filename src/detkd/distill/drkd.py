@@ -90,6 +90,7 @@ def frobenius(a: Tensor, b: Tensor) -> Tensor:
 @register
 class DRKD(DistillMethod):
     name = "drkd"
+    weight_keys = ("w_pixel", "w_relation", "w_instance")
 
     def __init__(self, family: str, student_channels: int, teacher_channels: int, w_pixel: float = 1e-3,
                  w_relation: float = 4e-3, w_instance: float = 2.4e-3, roi_size: int = 3, num_levels: int = 5):

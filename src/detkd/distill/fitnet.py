@@ -17,6 +17,7 @@ from detkd.distill.base import DistillInputs, DistillMethod, conv_adapter, fpn_m
 @register
 class FitNet(DistillMethod):
     name = "fitnet"
+    weight_keys = ("weight",)
 
     def __init__(self, family: str, student_channels: int, teacher_channels: int, weight: float = 1.0,
                  num_levels: int = 5):

@@ -103,6 +103,7 @@ def relation_loss(student: Tensor, teacher: Tensor) -> Tensor:
 @register
 class GID(DistillMethod):
     name = "gid"
+    weight_keys = ("w_feature", "w_relation", "w_response_cls", "w_response_reg")
     needs_teacher_dense = True
 
     def __init__(self, family: str, student_channels: int, teacher_channels: int, k: int = 10,

@@ -51,6 +51,7 @@ def pixel_affinity(x: Tensor, size: int) -> Tensor:
 @register
 class MAR(DistillMethod):
     name = "mar"
+    weight_keys = ("w_mask", "w_relation")
     reads_student_cls_features = True
 
     def __init__(self, family: str, student_channels: int, teacher_channels: int, w_mask: float = 1.0,
