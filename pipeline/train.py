@@ -41,8 +41,11 @@ def main() -> None:
     stage = f"train_{args.role}"
     if args.teacher:
         stage = "distill"
-        logged["distill"] = {"method": params.distill.method, params.distill.method: params.distill.hparams(),
-                             "teacher": args.teacher}
+        from detkd.distill.base import resolve_hparams
+
+        family, method = params.model.family, params.distill.method
+        logged["distill"] = {"method": method, "teacher": args.teacher,  # every value the method runs with
+                             method: resolve_hparams(method, family, params.distill.hparams(family))}
     try:
         with stage_run(stage, logged, rank_zero=info.is_main) as run:
             result = train_detector(
