@@ -26,8 +26,9 @@ test: setup
 smoke: setup
 	python -m detkd.smoke
 
-# Baseline vs every distillation method: 3 student seeds on the default family, 1 on the other, as DVC
-# experiments (cmp-*), then reports/kd_compare.{json,md,png}. Resumes finished experiments. Options:
+# Baseline vs every distillation method on both families: each family's teacher, then every method's loss
+# weights swept alike on the dev split (written into params.yaml), then 3 student seeds per method as DVC
+# experiments (cmp-*), then reports/kd_compare.{json,md,png}. Resumes finished work. Options:
 # make compare COMPARE_ARGS="--seeds 5 --jobs 2"   (python -m detkd.compare --help)
 compare: setup
 	dvc repro prepare

@@ -391,3 +391,30 @@ def test_first_k_nms_equals_torchvision_nms_prefix(seed, iou):
     for k in (1, 10, 50, n + 5):
         for block in (4, 32):
             assert torch.equal(first_k_nms(boxes, scores, iou, k, block=block), nms(boxes, scores, iou)[:k]), (n, k, block)
+
+
+def test_drkd_one_image_batch_at_1x1_p7():
+    """The loader keeps the last partial batch, so a RetinaNet batch can be one image whose P7 is 1x1: DRKD's
+    GloRe BatchNorm then sees one value per channel and must not fail (running statistics normalise it)."""
+    from torch.utils.data import Dataset
+
+    from detkd.data.dataset import make_loader
+
+    class Five(Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.zeros(1), {"i": i}
+
+    assert [len(images) for images, _ in make_loader(Five(), 4, 0)] == [4, 1]
+    model = _pair("retinanet", "drkd")
+    images, targets = _batch(2)
+    losses = model(images[:1], targets[:1])
+    with torch.no_grad():
+        p7 = list(model.student.backbone(torch.rand(1, 3, 64, 64)).values())[-1]
+    assert p7.shape[-2:] == (1, 1)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    glore = model.method.student_glore[-1]
+    assert glore.to_state.weight.grad is not None and glore.bn.num_batches_tracked == 0  # no statistics from one value

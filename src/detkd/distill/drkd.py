@@ -24,6 +24,8 @@ Choices (documented, tested):
 - RetinaNet uses the same three terms on P3..P7 (the released one-stage code cannot run).
 - The teacher-side GloRe/relation units are trained with the student, as in the code; the teacher
   network itself stays frozen.
+- A GloRe BatchNorm that sees one value per channel (one image at RetinaNet's 1x1 P7: the loader keeps
+  the last partial batch) normalises with its running statistics for that step instead of failing.
 """
 
 from __future__ import annotations
@@ -58,7 +60,16 @@ class GraphReasoning(nn.Module):
         nodes = self.node_mix(nodes.transpose(1, 2)).transpose(1, 2) + nodes  # (I - A) V, A learned
         nodes = self.state_mix(F.relu(nodes))
         y = (nodes @ proj).view(n, -1, h, w)  # [N, 2mid, H, W]
-        return x + self.bn(self.back(y))
+        return x + self._norm(self.back(y))
+
+    def _norm(self, y: Tensor) -> Tensor:
+        """BatchNorm, except on a single value per channel (one image at RetinaNet's 1x1 P7, which the
+        loader's last partial batch can hold): batch statistics do not exist there, so the running ones
+        normalise it and are left unchanged."""
+        if self.training and y.shape[0] * y.shape[2] * y.shape[3] == 1:
+            bn = self.bn
+            return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return self.bn(y)
 
 
 class InstanceRelation(nn.Module):
