@@ -130,3 +130,28 @@ def test_sampler_is_deterministic_resumable_and_sharded():
     shards = [list(EpochSampler(10, seed=1, rank=r, world=3)) for r in range(3)]
     assert all(len(x) == 4 for x in shards)
     assert {i for shard in shards for i, _ in shard} == set(range(10))
+
+
+def test_dev_split_is_carved_from_train_by_seed(tmp_path):
+    """dev and fit partition train's images, the draw follows the seed, 0 carves nothing, and a fraction
+    that leaves an empty side is refused naming the key."""
+    from detkd.config import DataConfig
+    from detkd.data.dataset import open_split
+    from detkd.data.prepare import prepare_dataset
+    from detkd.errors import DataError
+
+    data = DataConfig.model_validate({"synthetic": {"num_train": 10, "num_val": 2}, "dev_fraction": 0.3})
+    ids = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        prepare_dataset(tmp_path / name, data, seed)
+        dev = {r.image_id for r in open_split(tmp_path / name, "dev").images}
+        fit = {r.image_id for r in open_split(tmp_path / name, "fit").images}
+        train = {r.image_id for r in open_split(tmp_path / name, "train").images}
+        assert len(dev) == 3 and not dev & fit and dev | fit == train
+        ids[name] = dev
+    assert ids["a"] == ids["b"] and ids["a"] != ids["c"]
+    manifest = prepare_dataset(tmp_path / "none", data.model_copy(update={"dev_fraction": 0.0}), 0)
+    assert set(manifest["splits"]) == {"train", "val"}
+    with pytest.raises(DataError, match=r"data.dev_fraction 0.01: leaves 0 of the 10 train images for dev"):
+        prepare_dataset(tmp_path / "tiny", data.model_copy(update={"dev_fraction": 0.01}), 0)
+    assert not (tmp_path / "tiny").exists()

@@ -90,6 +90,9 @@ class _SharedInput(_Section):
     image_std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225], min_length=3, max_length=3)
     rpn_batch_size_per_image: int = Field(256, ge=1)
     score_threshold: float = Field(0.05, ge=0.0, le=1.0)
+    # Multi-scale RoI pooling (the Faster R-CNN box head, DSIG/GID node features): an RoI of this side (px,
+    # resized input) is pooled from P4, half of it from P3, and so on (torchvision's 224 is for ~800 px inputs).
+    roi_canonical_size: int = Field(224, ge=1)
 
     @model_validator(mode="after")
     def _positive(self) -> "_SharedInput":

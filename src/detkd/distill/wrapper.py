@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import MultiScaleRoIAlign
 
 from detkd.distill.base import DistillInputs, DistillMethod
 from detkd.errors import ConfigError
@@ -65,6 +66,9 @@ class DistillationModel(nn.Module):
         self.student = student
         self.method = method
         self._teacher = [freeze(teacher)]  # a list hides it from the module tree (see module docstring)
+        for module in method.modules():  # the method's RoI pooling maps boxes to levels as the student's does
+            if isinstance(module, MultiScaleRoIAlign):
+                module.canonical_scale = getattr(student, "roi_canonical_size", module.canonical_scale)
         # the student's classification-branch maps, recorded during its own forward (no second pass)
         self._cls_recorder = _OutputRecorder(classification_branch(student)) if method.reads_student_cls_features else None
 

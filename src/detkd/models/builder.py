@@ -33,6 +33,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from detkd.config import BACKBONES, FAMILIES, DetectorConfig
@@ -170,6 +171,7 @@ def build_detector(
             rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
             rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
             rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+            box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, canonical_scale=cfg.roi_canonical_size),
             box_head=TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.representation_size),
             box_predictor=FastRCNNPredictor(cfg.representation_size, num_classes),
             box_batch_size_per_image=cfg.box_batch_size_per_image,
@@ -193,6 +195,7 @@ def build_detector(
             score_thresh=cfg.score_threshold,
             **common,
         )
+    model.roi_canonical_size = cfg.roi_canonical_size  # what distillation's own RoI pooling uses too
     if weights:
         state = load_state_dict_file(weights)
         try:
