@@ -418,3 +418,21 @@ def test_drkd_one_image_batch_at_1x1_p7():
     sum(losses.values()).backward()
     glore = model.method.student_glore[-1]
     assert glore.to_state.weight.grad is not None and glore.bn.num_batches_tracked == 0  # no statistics from one value
+
+
+@pytest.mark.parametrize("family,method", [("fasterrcnn", "gid"), ("retinanet", "dsig"), ("retinanet", "gid")])
+def test_methods_pool_rois_with_the_detectors_level_rule(family, method):
+    """``model.roi_canonical_size`` sets which pyramid level an RoI is pooled from, in the detector's own box
+    head and in the methods' RoI pooling alike."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    cfg = TINY.model_copy(update={"roi_canonical_size": 36})
+    teacher = build_detector(make_spec(family, "resnet18", 3, cfg))
+    student = build_detector(make_spec(family, "resnet18", 3, cfg))
+    if family == "fasterrcnn":
+        assert student.roi_heads.box_roi_pool.canonical_scale == 36
+    model = DistillationModel(student, teacher, build_method(method, family, 32, 32, HPARAMS.get(method, {})))
+    pools = [m for m in model.method.modules() if isinstance(m, MultiScaleRoIAlign)]
+    assert pools and all(p.canonical_scale == 36 for p in pools)
+    losses = model.train()(*_batch(2))
+    assert all(torch.isfinite(v) for v in losses.values())
