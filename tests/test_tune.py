@@ -11,7 +11,8 @@ import yaml
 from detkd.config import deep_merge, load_params, parse_params
 from detkd.errors import ConfigError
 from detkd.smoke import SMOKE_OVERRIDES
-from detkd.tune import SCALES, TunePoint, apply_choice, choose, swept_hparams, term_sizes, tune_plan
+from detkd.tune import (SCALES, TunePoint, apply_choice, check_editable, choose, swept_hparams, term_sizes,
+                        tune_plan)
 
 from conftest import REPO
 
@@ -78,6 +79,8 @@ def test_apply_choice_refuses_a_layout_it_cannot_edit(tmp_path):
         apply_choice(path, "fasterrcnn", "gid", {"w_relation": 1.0})
     with pytest.raises(ConfigError, match=r"no 'mar' key"):
         apply_choice(path, "fasterrcnn", "mar", {"w_mask": 1.0})
+    with pytest.raises(ConfigError, match=r"params.yaml:4: distill.fasterrcnn.gid must be a one-line"):
+        check_editable(path, "fasterrcnn", "gid")  # what make compare checks before it starts tuning
     assert path.read_text().endswith("w_relation: 4.0\n")  # untouched
 
 
@@ -113,3 +116,11 @@ def test_a_tuning_run_trains_on_fit_and_scores_dev(tmp_path):
     batch = params.train_student.batch_size
     per_epoch = -(-len(fit_ids) // batch)
     assert round(iters) == per_epoch * params.train_student.epochs  # fit's images, not train's
+
+
+def test_dsig_sweeps_only_the_weights_its_family_reads():
+    two = swept_hparams("dsig", "fasterrcnn", {}, 1.0)
+    one = swept_hparams("dsig", "retinanet", {"w_fg": 0.5}, 1.0)  # a two-stage key left in params drops out
+    assert "w_nodes" not in two and {"w_fg", "w_bg", "w_edge", "w_logits"} <= set(two)
+    assert not {"w_fg", "w_bg"} & set(one) and {"w_nodes", "w_edge", "w_logits"} <= set(one)
+    assert list(two)[:2] == ["w_fg", "w_bg"]  # the constructor's order

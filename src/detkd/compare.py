@@ -276,10 +276,14 @@ def apply_tuning(records: list[dict], params_path: str) -> list[str]:
     """Write each (family, method)'s chosen weights into params.yaml; returns one line per change."""
     from detkd.tune import apply_choice, choose
 
+    from detkd.distill.base import published
+
     lines = []
     for (family, method), rec in choose(records).items():
-        if apply_choice(params_path, family, method, rec["hparams"]):
-            lines.append(f"compare: {params_path}: distill.{family}.{method} <- {rec['hparams']} "
+        order = list(published(method, family))  # records are stored with sorted keys
+        hparams = dict(sorted(rec["hparams"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+        if apply_choice(params_path, family, method, hparams):
+            lines.append(f"compare: {params_path}: distill.{family}.{method} <- {hparams} "
                          f"(x{rec['scale']:g}, dev AP {rec['dev_ap']:.3f})")
     return lines
 
@@ -390,6 +394,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         results, _ = _refresh(teachers_exps, params_raw())
     teachers = {e.family: teacher_checkpoint(results[e.name]["rev"]) for e in teachers_exps if e.name in results}
 
+    if not args.no_tune:  # a params.yaml the sweep could not write back fails now, not after the sweep
+        from detkd.tune import check_editable
+
+        for family in args.families:
+            for method in args.methods:
+                check_editable(args.params, family, method)
     tuning = []
     if not args.no_tune and teachers:
         params = load_params(args.params)

@@ -1,7 +1,7 @@
 """Equal-budget choice of every method's loss weights on the dev split: ``make compare``'s first phase.
 
 Contract: for each family and method, the distilled student is trained on the ``fit`` split (train without
-dev) with the method's loss weights (``weight_keys``, all together) at each factor in ``SCALES`` times
+dev) with the method's loss weights (``family_weight_keys``, all together) at each factor in ``SCALES`` times
 their published values for that family, one seed (``TUNE_SEED``), the comparison's teacher and the
 ``train_student`` schedule; each run is scored by COCO AP on the ``dev`` split. The factor with the best
 dev AP is chosen. The val split, which the comparison reports, is never read here. Every method gets the
@@ -56,10 +56,12 @@ def swept_hparams(method: str, family: str, configured: dict, scale: float) -> d
     from detkd.distill.base import METHODS, published
 
     cls, base = METHODS[method], published(method, family)
-    out = {k: v for k, v in configured.items() if k not in cls.weight_keys}
-    for key in cls.weight_keys:
+    swept = cls.family_weight_keys(family)
+    out = {k: v for k, v in configured.items() if k not in cls.weight_keys}  # weights the family ignores drop out
+    for key in swept:
         out[key] = 0.0 if configured.get(key) == 0 else _round(base[key] * scale)
-    return out
+    order = list(base)  # the constructor's order, as a reader of params.yaml expects
+    return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
 def _round(x: float) -> float:
@@ -109,6 +111,25 @@ def _flow(values: dict) -> str:
     return "{" + ", ".join(f"{k}: {fmt(v)}" for k, v in values.items()) + "}"
 
 
+def _locate(lines: list[str], family: str, method: str, path: Path) -> tuple[int, re.Match]:
+    """Line index and regex match of ``<method>: {...}`` under ``distill: -> <family>:``; a layout that
+    cannot be edited safely is a ``ConfigError`` naming the line."""
+    section = _find_line(lines, r"distill:", 0, 0, path)
+    fam = _find_line(lines, rf"{family}:", section + 1, 2, path)
+    row = _find_line(lines, rf"{method}:", fam + 1, 4, path)
+    match = re.match(r"^(\s*\w+:\s*)(\{[^}]*\})(\s*(#.*)?)$", lines[row].rstrip("\n"))
+    if not match:
+        raise ConfigError(f"{path}:{row + 1}: distill.{family}.{method} must be a one-line {{...}} mapping to be "
+                          "updated by make compare")
+    return row, match
+
+
+def check_editable(params_path: str | Path, family: str, method: str) -> None:
+    """Raise the ``ConfigError`` that ``apply_choice`` would, before hours of tuning are spent."""
+    path = Path(params_path)
+    _locate(path.read_text(encoding="utf-8").splitlines(keepends=True), family, method, path)
+
+
 def apply_choice(params_path: str | Path, family: str, method: str, hparams: dict) -> bool:
     """Replace the mapping on the line ``<method>: {...}`` under ``distill: -> <family>:`` of
     ``params_path`` with ``hparams`` (a trailing comment is kept; the file is replaced atomically).
@@ -119,13 +140,7 @@ def apply_choice(params_path: str | Path, family: str, method: str, hparams: dic
 
     path = Path(params_path)
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    section = _find_line(lines, r"distill:", 0, 0, path)
-    fam = _find_line(lines, rf"{family}:", section + 1, 2, path)
-    row = _find_line(lines, rf"{method}:", fam + 1, 4, path)
-    match = re.match(r"^(\s*\w+:\s*)(\{[^}]*\})(\s*(#.*)?)$", lines[row].rstrip("\n"))
-    if not match:
-        raise ConfigError(f"{path}:{row + 1}: distill.{family}.{method} must be a one-line {{...}} mapping to be "
-                          "updated by make compare")
+    row, match = _locate(lines, family, method, path)
     new = f"{match.group(1)}{_flow(hparams)}{match.group(3)}\n"
     if new == lines[row]:
         return False

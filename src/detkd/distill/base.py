@@ -57,6 +57,13 @@ class DistillMethod(nn.Module, abc.ABC):
     weight_keys: ClassVar[tuple[str, ...]] = ()
     # published values that differ by family, over the constructor's defaults (which are the two-stage ones)
     family_defaults: ClassVar[dict[str, dict]] = {}
+    # weights a family's terms never read (e.g. DSIG's fg/bg node split exists only for RoIs)
+    unused_weights: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @classmethod
+    def family_weight_keys(cls, family: str) -> tuple[str, ...]:
+        """The loss weights that act on ``family`` (what make compare sweeps and writes)."""
+        return tuple(k for k in cls.weight_keys if k not in cls.unused_weights.get(family, ()))
     needs_teacher_dense: ClassVar[bool] = False
     # set by methods that read ``student_cls_features``: the wrapper then records them during the
     # student's own forward instead of recomputing the classification branch

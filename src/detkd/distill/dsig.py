@@ -88,6 +88,7 @@ class DSIG(DistillMethod):
     weight_keys = ("w_fg", "w_bg", "w_nodes", "w_edge", "w_logits", "w_deltas", "w_fpn")
     # the official one-stage configs (retinanet_kd) weigh the edges and the head-logit KD 1.0
     family_defaults = {"retinanet": {"w_edge": 1.0, "w_logits": 1.0}}
+    unused_weights = {"fasterrcnn": ("w_nodes",), "retinanet": ("w_fg", "w_bg")}
 
     def __init__(self, family: str, student_channels: int, teacher_channels: int, w_fg: float = 0.5,
                  w_bg: float = 0.5, w_nodes: float = 0.5, w_edge: float = 2.0, alpha: float = 7.5,
