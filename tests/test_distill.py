@@ -378,7 +378,7 @@ def test_mar_reuses_the_students_own_classification_branch(family):
 def test_first_k_nms_equals_torchvision_nms_prefix(seed, iou):
     from torchvision.ops import nms
 
-    from detkd.distill.gid import first_k_nms
+    from detkd.distill.base import first_k_nms
 
     g = torch.Generator().manual_seed(seed)
     n = [0, 1, 5, 300, 3000, 3000][seed]
@@ -436,3 +436,20 @@ def test_methods_pool_rois_with_the_detectors_level_rule(family, method):
     assert pools and all(p.canonical_scale == 36 for p in pools)
     losses = model.train()(*_batch(2))
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_first_k_batched_nms_equals_torchvision(seed):
+    from torchvision.ops import batched_nms
+
+    from detkd.distill.base import first_k_batched_nms
+
+    g = torch.Generator().manual_seed(seed)
+    for n in (0, 1, 50, 700):
+        xy = torch.rand(n, 2, generator=g) * 100
+        boxes = torch.cat([xy, xy + 2 + torch.rand(n, 2, generator=g) * 30], 1)
+        scores, classes = torch.rand(n, generator=g), torch.randint(0, 4, (n,), generator=g)
+        for k in (1, 10, 100):
+            want = batched_nms(boxes, scores, classes, 0.5)[:k]
+            assert torch.equal(first_k_batched_nms(boxes, scores, classes, 0.5, k), want), (n, k)

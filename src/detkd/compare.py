@@ -274,14 +274,11 @@ def run_tuning(params, families: list[str], methods: list[str], teachers: dict[s
 
 def apply_tuning(records: list[dict], params_path: str) -> list[str]:
     """Write each (family, method)'s chosen weights into params.yaml; returns one line per change."""
-    from detkd.tune import apply_choice, choose
-
-    from detkd.distill.base import published
+    from detkd.tune import apply_choice, choose, ordered_hparams
 
     lines = []
     for (family, method), rec in choose(records).items():
-        order = list(published(method, family))  # records are stored with sorted keys
-        hparams = dict(sorted(rec["hparams"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+        hparams = ordered_hparams(method, family, rec["hparams"])
         if apply_choice(params_path, family, method, hparams):
             lines.append(f"compare: {params_path}: distill.{family}.{method} <- {hparams} "
                          f"(x{rec['scale']:g}, dev AP {rec['dev_ap']:.3f})")

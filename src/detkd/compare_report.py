@@ -122,7 +122,7 @@ def check_targets(family_summary: dict) -> dict:
 def summarise_tuning(tuning: list[dict], family: str) -> dict:
     """One family's sweep: per method the dev AP at each scale, the chosen scale and weights, and the term
     sizes of the chosen run; plus the baseline's dev AP."""
-    from detkd.tune import SCALES, choose
+    from detkd.tune import SCALES, choose, ordered_hparams
 
     recs = [r for r in tuning if r["family"] == family]
     chosen = {m: r for (f, m), r in choose(recs).items() if f == family}
@@ -131,7 +131,8 @@ def summarise_tuning(tuning: list[dict], family: str) -> dict:
     for method, best in chosen.items():
         runs = sorted((r for r in recs if r["method"] == method), key=lambda r: r["scale"])
         methods[method] = {"dev_ap": {f"{r['scale']:g}": r["dev_ap"] for r in runs},
-                           "chosen_scale": best["scale"], "chosen": best["hparams"], "terms": best["terms"],
+                           "chosen_scale": best["scale"], "terms": best["terms"],
+                           "chosen": ordered_hparams(method, family, best["hparams"]),
                            "seconds": sum(r["seconds"] for r in runs)}
     return {"scales": list(SCALES), "seed": recs[0]["seed"] if recs else None,
             "baseline_dev_ap": base["dev_ap"] if base else None, "methods": methods}
@@ -215,7 +216,8 @@ def _targets_lines(t: dict) -> list[str]:
             f"- every method raises the baseline's mean AP: **{yes(t['every_method_raises_baseline'])}**"
             + (f" (does not: {', '.join(not_raising)})" if not_raising else ""),
             f"- best method recovers >= {GAP_TARGET:.0%} of the gap: **{yes(t['best_recovers_half_gap'])}** "
-            f"({t['best_method']}: {_fmt(t['best_gap_share'], '.0%')})",
+            + (f"({t['best_method']}: {_fmt(t['best_gap_share'], '.0%')})" if t["best_method"] else
+               "(no gap to recover: the teacher is not above the baseline)"),
             f"- added step time <= {OVERHEAD_TARGET:.0%} of a baseline step (DRKD exempt): {overhead}", ""]
 
 

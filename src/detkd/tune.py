@@ -60,8 +60,16 @@ def swept_hparams(method: str, family: str, configured: dict, scale: float) -> d
     out = {k: v for k, v in configured.items() if k not in cls.weight_keys}  # weights the family ignores drop out
     for key in swept:
         out[key] = 0.0 if configured.get(key) == 0 else _round(base[key] * scale)
-    order = list(base)  # the constructor's order, as a reader of params.yaml expects
-    return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    return ordered_hparams(method, family, out)
+
+
+def ordered_hparams(method: str, family: str, hparams: dict) -> dict:
+    """``hparams`` in the method constructor's order (as a reader of params.yaml expects; records are JSON
+    with sorted keys); unknown keys last."""
+    from detkd.distill.base import published
+
+    order = list(published(method, family))
+    return dict(sorted(hparams.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
 def _round(x: float) -> float:

@@ -14,9 +14,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import box_iou
 
 from detkd.errors import ConfigError
 from detkd.models.view import DenseOutputs, DetectorTensors
@@ -166,3 +168,40 @@ def fpn_mse(student: "OrderedDict[str, Tensor]", teacher: "OrderedDict[str, Tens
 
 # RoI pooling levels of each family's pyramid (torchvision's multi-scale pooler picks one per box).
 POOL_LEVELS = {"fasterrcnn": ["0", "1", "2", "3"], "retinanet": ["0", "1", "2", "p6", "p7"]}
+
+
+@torch.no_grad()
+def first_k_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, k: int, block: int = 32) -> Tensor:
+    """``torchvision.ops.nms(boxes, scores, iou_threshold)[:k]`` without suppressing the whole list: greedy
+    NMS keeps boxes in descending score order, so the first ``k`` kept depend only on the boxes before
+    them and the scan can stop there. Candidates are taken a block at a time (one small IoU matrix
+    each), the block doubling from ``block`` while too few boxes survive."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    kept: list[int] = []
+    start = 0
+    while start < order.numel() and len(kept) < k:
+        idx = order[start:start + block]
+        start, block = start + block, min(block * 2, 1024)
+        cand = boxes[idx]
+        alive = torch.ones(idx.numel(), dtype=torch.bool, device=boxes.device)
+        if kept:
+            alive &= ~(box_iou(cand, boxes[torch.tensor(kept, device=boxes.device)]) > iou_threshold).any(1)
+        overlaps = (box_iou(cand, cand) > iou_threshold).tolist()
+        local: list[int] = []
+        for i, ok in enumerate(alive.tolist()):
+            if ok and not any(overlaps[i][j] for j in local):
+                local.append(i)
+                if len(kept) + len(local) == k:
+                    break
+        kept += idx[local].tolist()
+    return torch.tensor(kept, dtype=torch.int64, device=boxes.device)
+
+
+@torch.no_grad()
+def first_k_batched_nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: float, k: int) -> Tensor:
+    """``torchvision.ops.batched_nms(boxes, scores, classes, iou_threshold)[:k]`` through ``first_k_nms``:
+    boxes of different classes are moved apart (torchvision's own coordinate trick) so they never overlap."""
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    offsets = classes.to(boxes) * (boxes.max() + 1)
+    return first_k_nms(boxes + offsets[:, None], scores, iou_threshold, k)

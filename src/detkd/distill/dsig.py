@@ -33,10 +33,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image
+from torchvision.ops import MultiScaleRoIAlign, clip_boxes_to_image
 
-from detkd.distill.base import (POOL_LEVELS, DistillInputs, DistillMethod, fpn_mse, optional_adapter, register,
-                                zero_if_empty)
+from detkd.distill.base import (POOL_LEVELS, DistillInputs, DistillMethod, first_k_batched_nms, fpn_mse,
+                                optional_adapter, register, zero_if_empty)
 
 
 def edge_loss(student_nodes: Tensor, teacher_nodes: Tensor) -> Tensor:
@@ -151,7 +151,7 @@ class DSIG(DistillMethod):
             boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
             valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
-            keep = batched_nms(boxes, scores, labels, 0.5)[: self.max_nodes]
+            keep = first_k_batched_nms(boxes, scores, labels, 0.5, self.max_nodes)  # = batched_nms(...)[:max_nodes]
             nodes.append(boxes[keep])
         return nodes
 

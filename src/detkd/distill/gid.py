@@ -31,37 +31,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import MultiScaleRoIAlign, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import MultiScaleRoIAlign, clip_boxes_to_image, remove_small_boxes
 
-from detkd.distill.base import POOL_LEVELS, DistillInputs, DistillMethod, optional_adapter, register, zero_if_empty
+from detkd.distill.base import (POOL_LEVELS, DistillInputs, DistillMethod, first_k_nms, optional_adapter, register,
+                                zero_if_empty)
 from detkd.models.view import DenseOutputs
-
-
-@torch.no_grad()
-def first_k_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, k: int, block: int = 32) -> Tensor:
-    """``torchvision.ops.nms(boxes, scores, iou_threshold)[:k]`` without suppressing the whole list: greedy
-    NMS keeps boxes in descending score order, so the first ``k`` kept depend only on the boxes before
-    them and the scan can stop there. Candidates are taken a block at a time (one small IoU matrix
-    each), the block doubling from ``block`` while too few boxes survive."""
-    order = torch.sort(scores, descending=True, stable=True).indices
-    kept: list[int] = []
-    start = 0
-    while start < order.numel() and len(kept) < k:
-        idx = order[start:start + block]
-        start, block = start + block, min(block * 2, 1024)
-        cand = boxes[idx]
-        alive = torch.ones(idx.numel(), dtype=torch.bool, device=boxes.device)
-        if kept:
-            alive &= ~(box_iou(cand, boxes[torch.tensor(kept, device=boxes.device)]) > iou_threshold).any(1)
-        overlaps = (box_iou(cand, cand) > iou_threshold).tolist()
-        local: list[int] = []
-        for i, ok in enumerate(alive.tolist()):
-            if ok and not any(overlaps[i][j] for j in local):
-                local.append(i)
-                if len(kept) + len(local) == k:
-                    break
-        kept += idx[local].tolist()
-    return torch.tensor(kept, dtype=torch.int64, device=boxes.device)
 
 
 @torch.no_grad()
