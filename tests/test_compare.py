@@ -165,6 +165,8 @@ def test_step_time_breakdown(tiny_setup, method):
     out = measure_step_times(params, root / "prepared", root / "t.pt", method, iters=2, warmup=1)
     for key in ("baseline_step", "teacher_forward", "distill_step"):
         assert out[key] > 0
-    assert out["overhead"] == pytest.approx(out["distill_step"] - out["baseline_step"] - out["teacher_forward"])
+    assert out["overhead"] == pytest.approx(out["distill_step"] - out["baseline_step"] - out["teacher_forward"]
+                                            - out["teacher_on_request"])
+    assert (out["teacher_on_request"] > 0) == (method == "dsig")  # DSIG runs the teacher's RoI head on its boxes
     assert out["overhead_share_of_baseline"] == pytest.approx(out["overhead"] / out["baseline_step"])
     assert (out["method"], out["iters"], out["family"]) == (method, 2, params.model.family)

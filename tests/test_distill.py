@@ -453,3 +453,13 @@ def test_first_k_batched_nms_equals_torchvision(seed):
         for k in (1, 10, 100):
             want = batched_nms(boxes, scores, classes, 0.5)[:k]
             assert torch.equal(first_k_batched_nms(boxes, scores, classes, 0.5, k), want), (n, k)
+
+
+def test_teacher_passes_on_request_are_timed_as_teacher_time():
+    """The teacher's RoI head on DSIG's boxes is teacher computation: the wrapper times it apart from the
+    method (``detkd.step_time`` subtracts it); a method that asks nothing of the teacher adds no such time."""
+    dsig, fitnet = _pair("fasterrcnn", "dsig"), _pair("fasterrcnn", "fitnet")
+    assert dsig.teacher_seconds == 0.0
+    dsig(*_batch(2))
+    fitnet(*_batch(2))
+    assert dsig.teacher_seconds > 0.0 and fitnet.teacher_seconds == 0.0

@@ -4,10 +4,13 @@ Contract: ``measure_step_times(params, data_dir, teacher_path, method)`` trains,
 and from the same initial student, (a) the baseline student and (b) the distilled student for
 ``warmup + iters`` optimisation steps each (the training loop's own ``forward_losses`` +
 ``apply_gradients``), and separately times the frozen teacher's own forward (``teacher_forward``: FPN
-features, plus the dense head for methods that read it). The three are interleaved per batch so drifts
-in machine speed hit them alike; medians over ``iters`` steps after ``warmup`` are reported. The time a
-method adds beyond the teacher's forward is ``distill_step - baseline_step - teacher_forward``: its
-losses, adapters, RoI pooling, proposal sampling and selection, and their backward passes.
+features, plus the dense head for methods that read it). The teacher passes a method asks for inside the
+distillation step (its RoI head on the method's boxes, its proposals, its classification towers) are
+timed where they run (``teacher_on_request``, from ``DistillationModel.teacher_seconds``). The parts are
+interleaved per batch so drifts in machine speed hit them alike; medians over ``iters`` steps after
+``warmup`` are reported. The time a method adds beyond the teacher's computation is
+``distill_step - baseline_step - teacher_forward - teacher_on_request``: its losses, adapters, its own
+RoI pooling, sampling and selection, and their backward passes.
 """
 
 from __future__ import annotations
@@ -80,20 +83,23 @@ def measure_step_times(params: Params, data_dir: str | Path, teacher_path: str |
         if len(batches) == min(iters + warmup, 8):
             break
 
-    times = {"baseline_step": [], "teacher_forward": [], "distill_step": []}
+    times = {"baseline_step": [], "teacher_forward": [], "distill_step": [], "teacher_on_request": []}
     for r in range(warmup + iters):
         images, targets = batches[r % len(batches)]
         shared, _ = transform_batch(distill_module.student, images, targets)
+        before = distill_module.teacher_seconds
         sample = {
             "baseline_step": _timed(lambda: baseline.step(images, targets), device),
             "teacher_forward": _timed(lambda: distill_module.teacher_forward(shared), device),
             "distill_step": _timed(lambda: distilled.step(images, targets), device),
         }
+        sample["teacher_on_request"] = distill_module.teacher_seconds - before
         if r >= warmup:
             for key, value in sample.items():
                 times[key].append(value)
     result = {key: statistics.median(values) for key, values in times.items()}
-    result["overhead"] = result["distill_step"] - result["baseline_step"] - result["teacher_forward"]
+    result["overhead"] = (result["distill_step"] - result["baseline_step"] - result["teacher_forward"]
+                          - result["teacher_on_request"])
     result["overhead_share_of_baseline"] = result["overhead"] / result["baseline_step"]
     result.update(method=method, family=params.model.family, iters=iters, warmup=warmup, device=str(device),
                   threads=torch.get_num_threads())

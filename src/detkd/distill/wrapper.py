@@ -11,8 +11,10 @@ distilled student's checkpoint. Both networks see the one batch the student's tr
 
 from __future__ import annotations
 
+import functools
+import time
 from collections import OrderedDict
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +73,10 @@ class DistillationModel(nn.Module):
                 module.canonical_scale = getattr(student, "roi_canonical_size", module.canonical_scale)
         # the student's classification-branch maps, recorded during its own forward (no second pass)
         self._cls_recorder = _OutputRecorder(classification_branch(student)) if method.reads_student_cls_features else None
+        # seconds spent in teacher network passes a method asked for (RoI head on its boxes, proposals,
+        # classification towers) since construction: the teacher's cost beyond its own forward, which
+        # ``detkd.step_time`` counts as teacher time, not as the method's
+        self.teacher_seconds = 0.0
 
     @property
     def teacher(self) -> nn.Module:
@@ -79,6 +85,21 @@ class DistillationModel(nn.Module):
     def _apply(self, fn, recurse=True):  # .to(device) / .cuda() move the hidden teacher too
         self._teacher[0] = self._teacher[0]._apply(fn)
         return super()._apply(fn, recurse)
+
+    def _teacher_timed(self, fn: Callable) -> Callable:
+        """``fn`` (a teacher pass) with its wall time added to ``teacher_seconds`` (CUDA: synchronised)."""
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            cuda = next(self.teacher.parameters()).is_cuda
+            sync = torch.cuda.synchronize if cuda else (lambda: None)
+            sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                self.teacher_seconds += time.perf_counter() - start
+        return timed
 
     @torch.no_grad()
     def teacher_forward(self, batch) -> tuple["OrderedDict[str, Tensor]", Optional[DenseOutputs]]:
@@ -108,6 +129,7 @@ class DistillationModel(nn.Module):
         family = self.method.family
         teacher_features, dense = self.teacher_forward(batch)
 
+        @self._teacher_timed
         def teacher_rois(boxes: list[Tensor]):
             with torch.no_grad():
                 return roi_head_outputs(teacher, teacher_features, boxes, batch.image_sizes)
@@ -115,12 +137,14 @@ class DistillationModel(nn.Module):
         def student_rois(boxes: list[Tensor]):
             return roi_head_outputs(self.student, student_out.features, boxes, batch.image_sizes)
 
+        @self._teacher_timed
         def teacher_proposals() -> list[Tensor]:
             with torch.no_grad():
                 teacher.rpn.training = False  # inference top-n, no RPN losses
                 proposals, _ = teacher.rpn(batch, teacher_features)
                 return proposals
 
+        @self._teacher_timed
         def teacher_cls_features() -> list[Tensor]:
             with torch.no_grad():
                 return classification_features(teacher, teacher_features)
