@@ -237,8 +237,9 @@ def tune_key(params, point, teacher: Path) -> str:
     from detkd.tune import point_params
 
     p = point_params(params, point)
-    return fingerprint(p.model.model_dump(), p.student.model_dump(), p.train_student.model_dump(),
-                       p.distill.hparams(point.family) if point.method != "none" else {}, p.data.model_dump(),
+    sections = (p.model, p.student, p.train_student, p.data)  # keys at their defaults left out: a new key
+    return fingerprint(*(s.model_dump(exclude_defaults=True) for s in sections),  # does not void old records
+                       p.distill.hparams(point.family) if point.method != "none" else {},
                        p.seed, teacher.name if point.method != "none" else "")
 
 
