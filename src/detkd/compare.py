@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from detkd.config import FAMILIES
 from detkd.errors import DetkdError
 from detkd.tune import SHORT
 
 DEFAULT_METHODS = ("fitnet", "dsig", "drkd", "gid", "defeat", "mar")
-FAMILIES = ("fasterrcnn", "retinanet")
 
 
 @dataclass(frozen=True)
