@@ -31,7 +31,7 @@ smoke: setup
 # experiments (cmp-*), then reports/kd_compare.{json,md,png}. Resumes finished work. Options:
 # make compare COMPARE_ARGS="--seeds 5 --jobs 2"   (python -m detkd.compare --help)
 compare: setup
-	dvc repro prepare
+	dvc repro prepare pretrain
 	python -m detkd.compare $(COMPARE_ARGS)
 
 # The speed/accuracy frontier with more student sizes (params.yaml: frontier.sizes), each trained as baseline

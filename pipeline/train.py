@@ -1,7 +1,7 @@
 """Stages ``train_teacher``, ``train_student`` and (with ``--teacher``) ``distill``: train one detector.
 
 Reads params: seed, model, <role> (backbone and the role's architecture keys), train_<role> (+ distill with
---teacher). Writes: the model checkpoint,
+--teacher). With ``--pretrained`` the backbone starts from the pretrain stage's file for the role. Writes: the model checkpoint,
 the loss history (CSV for ``dvc plots``, every loss term) and its PNG, and (``--metrics``) the training
 cost as JSON (iterations, seconds, s/it, peak memory: CUDA allocator peak, or the process's peak RSS on CPU). Under ``torchrun`` trains with
 DistributedDataParallel; only rank 0 writes.
@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--metrics", default=None, help="JSON of training cost (DVC metrics: s/it, peak memory)")
     parser.add_argument("--state-dir", default=None, help="where resumable training states go")
     parser.add_argument("--teacher", default=None, help="distil the student from this teacher checkpoint")
+    parser.add_argument("--pretrained", default=None,
+                        help="the pretrain stage's directory: a role without backbone_weights starts from its file there")
     args = parser.parse_args()
 
     params = load_params(args.params)
@@ -51,6 +53,7 @@ def main() -> None:
             result = train_detector(
                 params, args.role, args.data, args.out, args.state_dir or f"checkpoints/{stage}", info,
                 on_log=lambda step, row: run.log_metrics(row, step), run_id=run.run_id, teacher_path=args.teacher,
+                pretrained_dir=args.pretrained,
             )
             if info.is_main:
                 write_history_csv(args.history, result.history)

@@ -30,7 +30,7 @@ def test_every_backbone_builds_trains_and_predicts(family, backbone):
         features = model.backbone(torch.rand(1, 3, 256, 256))
         out = model([torch.rand(3, 64, 64)])
     strides = [256 // f.shape[-1] for f in features.values()]
-    assert strides == ([4, 8, 16, 32, 64] if family == "fasterrcnn" else [8, 16, 32, 64, 128])
+    assert strides == [4, 8, 16, 32, 64]  # both families on P2-P6 by default (model.retinanet_levels)
     assert all(f.shape[1] == 32 for f in features.values())
     assert set(out[0]) == {"boxes", "labels", "scores"}
 
@@ -93,11 +93,28 @@ def test_architecture_keys_reach_the_built_detector():
 def test_checkpoint_spec_from_before_per_role_keys_still_builds():
     """Checkpoints written before head_depth/topk_candidates existed rebuild with torchvision's defaults."""
     spec = make_spec("retinanet", "resnet18", 3, TINY).to_dict()
-    for key in ("head_depth", "topk_candidates"):
+    for key in ("head_depth", "topk_candidates", "retinanet_levels", "freeze_pretrained"):
         del spec["model"][key]
     spec["model"]["family"] = "retinanet"  # the old shared section was stored whole
     model = build_detector(DetectorSpec.from_dict(spec))
     assert len(model.head.classification_head.conv) == 4 and model.topk_candidates == 1000
+    assert list(model.backbone(torch.rand(1, 3, 64, 64))) == ["0", "1", "2", "p6", "p7"]  # built on P3-P7 then
+
+
+@pytest.mark.parametrize("levels, names, strides, roi_levels", [
+    ("p2-p6", ["0", "1", "2", "3", "pool"], [4, 8, 16, 32, 64], ["0", "1", "2", "3"]),
+    ("p3-p7", ["0", "1", "2", "p6", "p7"], [8, 16, 32, 64, 128], ["0", "1", "2", "p6", "p7"]),
+])
+def test_retinanet_pyramid_levels(levels, names, strides, roi_levels):
+    """model.retinanet_levels picks the maps the head runs on; anchors and RoI pooling follow them."""
+    cfg = TINY.model_copy(update={"retinanet_levels": levels, "min_size": 128, "max_size": 128})
+    model = build_detector(make_spec("retinanet", "resnet18", 3, cfg)).eval()
+    features = model.backbone(torch.rand(1, 3, 128, 128))
+    assert list(features) == names
+    assert [128 // f.shape[-1] for f in features.values()] == strides
+    assert model.roi_levels == roi_levels
+    with torch.no_grad():
+        assert len(model([torch.rand(3, 128, 128)])) == 1  # anchors match the number of maps
 
 
 @pytest.mark.parametrize("backbone", ["regnet_x_400mf", "mobilenet_v3_small"])
@@ -115,3 +132,26 @@ def test_deployment_backbones_take_classification_weights(backbone, tmp_path):
     assert torch.all(first == 0.123)
     bn = [m for m in model.backbone.body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bn and all(m.momentum == 0.1 for m in bn)  # see builder: MobileNet's 0.01 is raised to 0.1
+
+
+@pytest.mark.parametrize("backbone, first", [("resnet18", "body.layer1."), ("mobilenet_v3_small", "body.0."),
+                                             ("regnet_x_400mf", "body.block1.")])
+def test_a_pretrained_backbone_is_fine_tuned_frozen(backbone, first, tmp_path):
+    """With backbone weights (and freeze_pretrained), BatchNorm keeps its statistics and the stem and first
+    stage do not train; the state dict is the same as an unfrozen detector's, so checkpoints load either way."""
+    import torchvision
+
+    torch.save(getattr(torchvision.models, backbone)(weights=None).state_dict(), tmp_path / "cls.pt")
+    spec = make_spec("retinanet", backbone, 3, TINY)
+    frozen = build_detector(spec, backbone_weights=str(tmp_path / "cls.pt")).train()
+    scratch = build_detector(spec)
+    assert frozen.state_dict().keys() == scratch.state_dict().keys()
+    trainable = {n for n, p in frozen.backbone.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(first) for n in trainable) and any(n.startswith("fpn.") for n in trainable)
+    bn = [m for m in frozen.backbone.body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in bn]
+    frozen(*_batch(2))
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bn))  # statistics kept in train mode
+    unfrozen = build_detector(make_spec("retinanet", backbone, 3, TINY.model_copy(update={"freeze_pretrained": False})),
+                              backbone_weights=str(tmp_path / "cls.pt"))
+    assert all(p.requires_grad for p in unfrozen.backbone.parameters())

@@ -36,6 +36,7 @@ from detkd.errors import DetkdError
 from detkd.tune import SHORT
 
 DEFAULT_METHODS = ("fitnet", "dsig", "drkd", "gid", "defeat", "mar")
+PRETRAINED_DIR = "models/pretrained"  # the workspace's pretrain stage output (make compare runs it first)
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,7 @@ def tune_key(params, point, teacher: Path) -> str:
     from detkd.tune import point_params
 
     p = point_params(params, point)
-    sections = (p.model, p.student, p.train_student, p.data)  # keys at their defaults left out: a new key
+    sections = (p.model, p.student, p.train_student, p.data, p.pretrain)  # keys at their defaults left out: a new key
     return fingerprint(*(s.model_dump(exclude_defaults=True) for s in sections),  # does not void old records
                        p.distill.hparams(point.family) if point.method != "none" else {},
                        p.seed, teacher.name if point.method != "none" else "")
@@ -257,7 +258,8 @@ def run_tuning(params, families: list[str], methods: list[str], teachers: dict[s
     def runner(pt):
         def run(threads: int) -> bool:
             cmd = [sys.executable, "-m", "detkd.tune", "--family", pt.family, "--method", pt.method,
-                   "--scale", repr(pt.scale), "--work", str(work), "--key", keys[pt.name]]
+                   "--scale", repr(pt.scale), "--work", str(work), "--key", keys[pt.name],
+                   "--pretrained", PRETRAINED_DIR]
             if pt.method != "none":
                 cmd += ["--teacher", str(teachers[pt.family])]
             with open(log_dir / f"{pt.name}.log", "w") as fh:

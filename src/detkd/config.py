@@ -82,8 +82,8 @@ class _SharedInput(_Section):
 
     min_size: int = Field(128, ge=32)
     max_size: int = Field(128, ge=32)
-    # One base anchor size (px, in the resized input) per pyramid level: P2..P6 for Faster R-CNN,
-    # P3..P7 for RetinaNet (which adds the octave scales 2^0, 2^(1/3), 2^(2/3) of each).
+    # One base anchor size (px, in the resized input) per pyramid level: P2..P6 for Faster R-CNN, the
+    # ``retinanet_levels`` for RetinaNet (which adds the octave scales 2^0, 2^(1/3), 2^(2/3) of each).
     anchor_sizes: list[float] = Field(default_factory=lambda: [8.0, 16.0, 32.0, 64.0, 128.0], min_length=5, max_length=5)
     aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)
     image_mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406], min_length=3, max_length=3)
@@ -93,6 +93,9 @@ class _SharedInput(_Section):
     # Multi-scale RoI pooling (the Faster R-CNN box head, DSIG/GID node features): an RoI of this side (px,
     # resized input) is pooled from P4, half of it from P3, and so on (torchvision's 224 is for ~800 px inputs).
     roi_canonical_size: int = Field(224, ge=1)
+    # RetinaNet's pyramid: "p2-p6" (strides 4..64, P6 by max-pooling P5, as Faster R-CNN's) or torchvision's
+    # "p3-p7" (strides 8..128, P6/P7 by strided convs), which is sized for ~800 px inputs.
+    retinanet_levels: Literal["p2-p6", "p3-p7"] = "p2-p6"
 
     @model_validator(mode="after")
     def _positive(self) -> "_SharedInput":
@@ -150,6 +153,9 @@ class NetworkConfig(_Section):
     backbone_weights: Optional[str] = None  # a backbone-only (classification) state dict
     fpn_channels: int = Field(128, ge=8, le=1024)  # FPN width (and RetinaNet's head width)
     fpn_norm: bool = False  # BatchNorm after every FPN conv (keeps from-scratch light backbones' features in scale)
+    # A backbone that starts from pretrained weights (pretrain stage or backbone_weights) keeps its BatchNorm
+    # statistics and affine parameters and does not train its stem and first stage (torchvision's fine-tuning)
+    freeze_pretrained: bool = True
     detections_per_image: int = Field(100, ge=1, le=10000)
     fasterrcnn: TwoStageArch = TwoStageArch()
     retinanet: OneStageArch = OneStageArch()
@@ -161,6 +167,7 @@ class DetectorConfig(_SharedInput):
 
     fpn_channels: int = Field(128, ge=8)
     fpn_norm: bool = False
+    freeze_pretrained: bool = True
     detections_per_image: int = Field(100, ge=1)
     # two-stage
     representation_size: int = Field(256, ge=8)
@@ -177,7 +184,7 @@ class DetectorConfig(_SharedInput):
 def detector_config(model: ModelConfig, network: NetworkConfig) -> DetectorConfig:
     """The shared ``model`` section merged with one role's architecture keys (its family's section only)."""
     shared = model.model_dump(exclude={"family"})
-    role = network.model_dump(include={"fpn_channels", "fpn_norm", "detections_per_image"})
+    role = network.model_dump(include={"fpn_channels", "fpn_norm", "freeze_pretrained", "detections_per_image"})
     family = getattr(network, model.family).model_dump()
     return DetectorConfig.model_validate({**shared, **role, **family})
 
@@ -354,9 +361,23 @@ class FrontierConfig(_Section):
         return self
 
 
+class PretrainConfig(_Section):
+    """The ``pretrain`` stage: each role's backbone trained as a classifier of generated one-object images
+    (``detkd.pretrain``), the default data's stand-in for ImageNet weights."""
+
+    enabled: bool = True
+    iterations: int = Field(600, ge=1)
+    batch_size: int = Field(64, ge=2)
+    image_size: int = Field(64, ge=32)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    workers: int = Field(1, ge=0)
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     model: ModelConfig = ModelConfig()
     teacher: NetworkConfig = NetworkConfig(backbone="resnet34")
     student: NetworkConfig = NetworkConfig(backbone="resnet18")

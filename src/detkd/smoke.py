@@ -27,6 +27,7 @@ from detkd.config import deep_merge, parse_params
 SMOKE_OVERRIDES = {
     "data": {"synthetic": {"num_train": 12, "num_val": 6, "image_size": 64, "max_object_size": 30.0, "max_objects": 4,
                            "num_classes": 4}},
+    "pretrain": {"iterations": 2, "batch_size": 4, "image_size": 32, "workers": 0},
     "model": {"min_size": 64, "max_size": 64},
     "teacher": {"backbone": "resnet18", "fpn_channels": 32,
                 "fasterrcnn": {"representation_size": 64, "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 32}},

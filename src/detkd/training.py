@@ -20,6 +20,7 @@ from detkd.engine.checkpoint import save_model_checkpoint
 from detkd.engine.distributed import DistInfo, barrier, pick_device
 from detkd.engine.trainer import TrainResult, train
 from detkd.models.builder import build_detector, make_spec
+from detkd.pretrain import pretrained_backbone_path
 from detkd.tracking.mlflow_run import git_commit
 
 
@@ -34,20 +35,25 @@ def train_detector(
     run_id: Optional[str] = None,
     teacher_path: Optional[str | Path] = None,
     split: str = "train",
+    pretrained_dir: Optional[str | Path] = None,
 ) -> TrainResult:
     """With ``teacher_path`` the student is distilled from that teacher with ``params.distill``: same
     initialisation (seed), data order and schedule as the baseline student, plus the method's terms.
     The stage's seed is ``train_<role>.seed`` when set, else the top-level ``seed``. ``split`` is the
-    manifest split trained on (``fit``, train without dev, when tuning hyper-parameters)."""
+    manifest split trained on (``fit``, train without dev, when tuning hyper-parameters). The backbone
+    starts from the role's ``backbone_weights`` when set, else from the ``pretrain`` stage's file for the
+    role in ``pretrained_dir`` (if that stage made one), else from scratch."""
     network = getattr(params, role)
     schedule = getattr(params, f"train_{role}")
     index = open_split(data_dir, split, params.data.min_box_size)
     spec = make_spec(params.model.family, network.backbone, index.num_classes, params.detector_config(role))
     seed = params.stage_seed(role)
     seed_everything(seed)
-    model = build_detector(spec, network.weights, network.backbone_weights)
+    backbone_init = network.backbone_weights or pretrained_backbone_path(pretrained_dir, role, network.backbone)
+    model = build_detector(spec, network.weights, backbone_init)
     device = pick_device(dist_info)
-    key = fingerprint(spec.to_dict(), schedule.model_dump(), network.model_dump(), seed, load_manifest(data_dir), split)
+    key = fingerprint(spec.to_dict(), schedule.model_dump(), network.model_dump(), seed, load_manifest(data_dir), split,
+                      backbone_init)
     module, distill_meta = model, None
     if teacher_path is not None:
         module, distill_meta = build_distillation_model(params, model, spec, index, teacher_path)
@@ -65,6 +71,7 @@ def train_detector(
             "category_ids": index.category_ids,
             "category_names": index.category_names,
             "train_split": split,
+            "backbone_init": backbone_init or "",
             "git_commit": git_commit(),
             "mlflow_run_id": run_id or "",
             "train": {

@@ -193,7 +193,7 @@ def point_params(params, point: TunePoint):
 
 
 def run_point(params, point: TunePoint, data_dir: str | Path, teacher: Optional[str | Path], work: str | Path,
-              key: str = "") -> dict:
+              key: str = "", pretrained_dir: Optional[str | Path] = None) -> dict:
     """Train ``point``'s student on fit, score it on dev; return (and write ``<work>/<name>.json``) its record.
     ``key`` (the caller's digest of the settings) is stored so a stale record can be recognised."""
     import torch
@@ -208,7 +208,8 @@ def run_point(params, point: TunePoint, data_dir: str | Path, teacher: Optional[
     p = point_params(params, point)
     checkpoint = work / f"{point.name}.pt"
     result = train_detector(p, "student", data_dir, checkpoint, work / f"{point.name}.state",
-                            teacher_path=None if point.method == "none" else teacher, split="fit")
+                            teacher_path=None if point.method == "none" else teacher, split="fit",
+                            pretrained_dir=pretrained_dir)
     dev = open_split(data_dir, "dev", p.data.min_box_size)
     metrics = evaluate_checkpoint(checkpoint, dev, p.eval.batch_size, torch.device("cpu"))["metrics"]
     record = {"family": point.family, "method": point.method, "scale": point.scale, "name": point.name,
@@ -234,13 +235,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--data", default="data/prepared")
     parser.add_argument("--work", default=".dvc/tmp/compare")
     parser.add_argument("--key", default="", help="settings digest stored in the record (make compare's)")
+    parser.add_argument("--pretrained", default=None, help="the pretrain stage's directory (student backbone init)")
     args = parser.parse_args(argv)
     if not math.isfinite(args.scale) or args.scale < 0:
         raise DetkdError(f"--scale must be a finite number >= 0, got {args.scale}")
     if args.method != "none" and not args.teacher:
         raise DetkdError(f"--teacher is needed to tune {args.method}")
     record = run_point(load_params(args.params), TunePoint(args.family, args.method, args.scale), args.data,
-                       args.teacher, args.work, args.key)
+                       args.teacher, args.work, args.key, args.pretrained)
     print(f"tune: {record['name']}: dev AP {record['dev_ap']:.4f} ({record['seconds']:.0f} s)")
 
 

@@ -34,7 +34,7 @@ from detkd.config import SyntheticConfig
 from detkd.io import atomic_write_json
 
 CLASS_NAMES = ("square", "diamond", "circle", "ring", "cross", "star", "triangle", "hexagon")
-SPLITS = {"train": 0, "val": 1}
+SPLITS = {"train": 0, "val": 1, "pretrain": 2}  # generator streams (pretrain: detkd.pretrain's images)
 
 
 def category_id(label_index: int) -> int:

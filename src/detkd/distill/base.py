@@ -166,8 +166,9 @@ def fpn_mse(student: "OrderedDict[str, Tensor]", teacher: "OrderedDict[str, Tens
     return sum(F.mse_loss(a(s), t) for a, s, t in zip(adapters, student.values(), teacher.values()))
 
 
-# RoI pooling levels of each family's pyramid (torchvision's multi-scale pooler picks one per box).
-POOL_LEVELS = {"fasterrcnn": ["0", "1", "2", "3"], "retinanet": ["0", "1", "2", "p6", "p7"]}
+# RoI pooling levels of each family's default pyramid (torchvision's multi-scale pooler picks one per box);
+# DistillationModel replaces them with the student's own ``roi_levels``.
+POOL_LEVELS = {"fasterrcnn": ["0", "1", "2", "3"], "retinanet": ["0", "1", "2", "3"]}
 
 
 @torch.no_grad()

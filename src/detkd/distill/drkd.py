@@ -5,7 +5,7 @@ Pixel-wise relation: one GloRe graph-reasoning unit per FPN level on each side (
 method), a 1x1 adapter after the student's:  L_PR = sum_l || A_l(phi_S,l(F_S^l)) - phi_T,l(F_T^l) ||_F
 (Frobenius norm over the whole batch tensor, not squared, not averaged; weight 1e-3).
 Instance-wise relation: GT boxes RoIAligned to 3x3 on the first two FPN levels (P2, P3 for Faster R-CNN;
-P3, P4 for RetinaNet; all GT on both levels), per image an embedded-Gaussian relation block with a relation
+P3, P4 for RetinaNet on P3-P7; all GT on both levels), per image an embedded-Gaussian relation block with a relation
 filter on each side:  L_IR = sum_levels sum_images || A'(z_S) - z_T ||_F  (weight 4e-3), and the plain
 instance imitation  L_INS = sum_levels sum_images || A''(R_S) - R_T ||_F  (weight 2.4e-3).
 
@@ -21,10 +21,10 @@ Choices (documented, tested):
   which works for any number of instances n; the relation logits are multiplied by M before the softmax.
 - GloRe widths scale with the FPN width C: ``mid`` = C/4 on the first two levels and C on the others
   (the code's 64 and 256 for C = 256).
-- RetinaNet uses the same three terms on P3..P7 (the released one-stage code cannot run).
+- RetinaNet uses the same three terms on its five levels (the released one-stage code cannot run).
 - The teacher-side GloRe/relation units are trained with the student, as in the code; the teacher
   network itself stays frozen.
-- A GloRe BatchNorm that sees one value per channel (one image at RetinaNet's 1x1 P7: the loader keeps
+- A GloRe BatchNorm that sees one value per channel (one image at a 1x1 top level, e.g. RetinaNet P3-P7 at 128 px: the loader keeps
   the last partial batch) normalises with its running statistics for that step instead of failing.
 """
 

@@ -68,9 +68,10 @@ class DistillationModel(nn.Module):
         self.student = student
         self.method = method
         self._teacher = [freeze(teacher)]  # a list hides it from the module tree (see module docstring)
-        for module in method.modules():  # the method's RoI pooling maps boxes to levels as the student's does
+        for module in method.modules():  # the method's RoI pooling reads the levels and maps boxes to them as the student's does
             if isinstance(module, MultiScaleRoIAlign):
                 module.canonical_scale = getattr(student, "roi_canonical_size", module.canonical_scale)
+                module.featmap_names = list(getattr(student, "roi_levels", module.featmap_names))
         # the student's classification-branch maps, recorded during its own forward (no second pass)
         self._cls_recorder = _OutputRecorder(classification_branch(student)) if method.reads_student_cls_features else None
         # seconds spent in teacher network passes a method asked for (RoI head on its boxes, proposals,

@@ -6,7 +6,9 @@ Whatever the backbone, a family always exposes the same pyramid so teacher and s
 up level by level (what distillation needs):
 
 - ``fasterrcnn``: FPN levels '0'..'3' = P2..P5 (strides 4..32) + 'pool' = P6 (stride 64);
-- ``retinanet``:  FPN levels '0'..'2' = P3..P5 (strides 8..32) + 'p6', 'p7' (strides 64, 128).
+- ``retinanet``:  ``model.retinanet_levels`` "p2-p6" (default): the same pyramid as Faster R-CNN, '0'..'3' =
+                  P2..P5 + 'pool' (P6); "p3-p7" (torchvision's, for ~800 px inputs): '0'..'2' = P3..P5 (strides
+                  8..32) + 'p6', 'p7' (strides 64, 128) from strided convs.
 
 Labels are contiguous 1..K with 0 reserved for background, so both families get ``K + 1`` classes.
 
@@ -24,6 +26,7 @@ from functools import partial
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 from torchvision.models import (mobilenet_v3_large, mobilenet_v3_small, regnet_x_400mf, regnet_x_800mf, resnet18,
@@ -46,7 +49,11 @@ _REGNETS = {"regnet_x_400mf": regnet_x_400mf, "regnet_x_800mf": regnet_x_800mf}
 # Indices into torchvision's MobileNetV3 stage list (stem, each down-sampling block, last conv) whose
 # outputs have strides 4, 8, 16, 32: the same for the large and the small network.
 _MOBILENET_STAGES = {4: 1, 8: 2, 16: 3, 32: 5}
-FPN_STRIDES = {"fasterrcnn": (4, 8, 16, 32), "retinanet": (8, 16, 32)}
+# Backbone strides under the FPN per pyramid (the fifth level is added on top of them).
+PYRAMID_STRIDES = {"p2-p6": (4, 8, 16, 32), "p3-p7": (8, 16, 32)}
+# The maps RoIs are pooled from (the Faster R-CNN box head, DSIG/GID node features): every FPN level but
+# the max-pooled P6, which only subsamples P5.
+ROI_LEVELS = {"p2-p6": ["0", "1", "2", "3"], "p3-p7": ["0", "1", "2", "p6", "p7"]}
 MOBILENET_BN_MOMENTUM = 0.1
 
 
@@ -78,12 +85,18 @@ def make_spec(family: str, backbone: str, num_classes: int, model_cfg: DetectorC
     return DetectorSpec(family, backbone, num_classes, model_cfg.model_dump())
 
 
-def _body_with_fpn(family: str, backbone: str, fpn_channels: int, backbone_weights: Optional[str],
-                   fpn_norm: bool = False) -> BackboneWithFPN:
-    """The backbone's stride-4..32 stages (as the family needs) under an FPN of ``fpn_channels``; with
-    ``fpn_norm`` every FPN conv is followed by BatchNorm (torchvision's v2 detectors do the same)."""
-    strides = FPN_STRIDES[family]
-    extra = LastLevelMaxPool() if family == "fasterrcnn" else LastLevelP6P7(fpn_channels, fpn_channels)
+def pyramid(family: str, cfg: DetectorConfig) -> str:
+    """The pyramid a detector uses: "p2-p6" for Faster R-CNN, ``cfg.retinanet_levels`` for RetinaNet."""
+    return "p2-p6" if family == "fasterrcnn" else cfg.retinanet_levels
+
+
+def _body_with_fpn(levels: str, backbone: str, fpn_channels: int, backbone_weights: Optional[str],
+                   fpn_norm: bool = False, freeze_pretrained: bool = False) -> BackboneWithFPN:
+    """The backbone stages of pyramid ``levels`` under an FPN of ``fpn_channels``; with ``fpn_norm`` every
+    FPN conv is followed by BatchNorm (torchvision's v2 detectors do the same). With ``backbone_weights``
+    and ``freeze_pretrained`` the backbone is frozen as ``freeze_pretrained_backbone`` says."""
+    strides = PYRAMID_STRIDES[levels]
+    extra = LastLevelMaxPool() if levels == "p2-p6" else LastLevelP6P7(fpn_channels, fpn_channels)
     norm = nn.BatchNorm2d if fpn_norm else None
     if backbone in _RESNETS:
         body = _RESNETS[backbone](weights=None)
@@ -91,6 +104,8 @@ def _body_with_fpn(family: str, backbone: str, fpn_channels: int, backbone_weigh
         layer_of_stride = {4: 1, 8: 2, 16: 3, 32: 4}
         return_layers = {f"layer{layer_of_stride[s]}": str(k) for k, s in enumerate(strides)}
         in_channels = [_resnet_stage_channels(body, layer_of_stride[s]) for s in strides]
+        if backbone_weights and freeze_pretrained:
+            freeze_pretrained_backbone(body, [body.conv1, body.bn1, body.layer1])
         return BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks=extra, norm_layer=norm)
     if backbone in _REGNETS:  # stem (stride 2), then block1..block4 at strides 4, 8, 16, 32
         net = _REGNETS[backbone](weights=None)
@@ -100,6 +115,8 @@ def _body_with_fpn(family: str, backbone: str, fpn_channels: int, backbone_weigh
         block_of_stride = {4: "block1", 8: "block2", 16: "block3", 32: "block4"}
         return_layers = {block_of_stride[s]: str(k) for k, s in enumerate(strides)}
         in_channels = [_last_out_channels(getattr(trunk, block_of_stride[s])) for s in strides]
+        if backbone_weights and freeze_pretrained:
+            freeze_pretrained_backbone(body, [body.stem, body.block1])
         return BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks=extra, norm_layer=norm)
     body = _MOBILENETS[backbone](weights=None)
     for module in body.modules():  # torchvision's 0.01 suits 600 ImageNet epochs; see the module docstring
@@ -111,7 +128,34 @@ def _body_with_fpn(family: str, backbone: str, fpn_channels: int, backbone_weigh
     chosen = [stage_indices[_MOBILENET_STAGES[s]] for s in strides]
     return_layers = {str(idx): str(k) for k, idx in enumerate(chosen)}
     in_channels = [features[idx].out_channels for idx in chosen]
+    if backbone_weights and freeze_pretrained:  # the stem and the blocks up to the stride-4 output
+        freeze_pretrained_backbone(features, list(features)[: stage_indices[_MOBILENET_STAGES[4]] + 1])
     return BackboneWithFPN(features, return_layers, in_channels, fpn_channels, extra_blocks=extra, norm_layer=norm)
+
+
+class FrozenBatchNorm(nn.BatchNorm2d):
+    """BatchNorm that always normalises with its stored statistics and keeps them (torchvision's
+    ``FrozenBatchNorm2d``), with ``nn.BatchNorm2d``'s state-dict layout and export graph, so checkpoints and
+    ONNX files do not depend on whether a network was trained frozen."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def freeze_pretrained_backbone(body: nn.Module, first_stages: list[nn.Module]) -> None:
+    """torchvision's fine-tuning of a pretrained backbone: every BatchNorm keeps its statistics and affine
+    parameters (batches of a few images estimate them worse than the pretraining did), and the stem and
+    first stage (``first_stages``) are not trained. Without it the detection losses, which at first ask only
+    where objects are, wash the class information out of the pretrained features before the (dense)
+    classifier learns to read it (see README, "One-stage detectors")."""
+    for module in body.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = FrozenBatchNorm  # same parameters and buffers; only forward changes
+            module.weight.requires_grad_(False)
+            module.bias.requires_grad_(False)
+    for stage in first_stages:
+        for param in stage.parameters():
+            param.requires_grad_(False)
 
 
 def _last_out_channels(module: nn.Module) -> int:
@@ -140,9 +184,13 @@ def _load_backbone_weights(body: nn.Module, path: Optional[str]) -> None:
 
 def spec_config(spec: DetectorSpec) -> DetectorConfig:
     """The architecture a spec describes. Specs from before the per-role keys hold ``family`` in the dict
-    and lack the newer keys (they take the defaults, which are what those detectors were built with)."""
+    and lack the newer keys (they take the defaults, which are what those detectors were built with, except
+    RetinaNet's pyramid: one without ``retinanet_levels`` was built on P3-P7)."""
+    model = {k: v for k, v in spec.model.items() if k != "family"}
+    if spec.family == "retinanet":
+        model.setdefault("retinanet_levels", "p3-p7")
     try:
-        return DetectorConfig.model_validate({k: v for k, v in spec.model.items() if k != "family"})
+        return DetectorConfig.model_validate(model)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise CheckpointError(f"detector spec: {'.'.join(map(str, err['loc']))}: {err['msg']} "
@@ -154,7 +202,8 @@ def build_detector(
 ) -> nn.Module:
     """Build the detector described by ``spec``; optionally load local detector or backbone weights."""
     cfg = spec_config(spec)
-    body = _body_with_fpn(spec.family, spec.backbone, cfg.fpn_channels, backbone_weights, cfg.fpn_norm)
+    body = _body_with_fpn(pyramid(spec.family, cfg), spec.backbone, cfg.fpn_channels, backbone_weights, cfg.fpn_norm,
+                          cfg.freeze_pretrained)
     num_classes = spec.num_classes + 1
     common = dict(
         min_size=cfg.min_size, max_size=cfg.max_size, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std)
@@ -196,6 +245,7 @@ def build_detector(
             **common,
         )
     model.roi_canonical_size = cfg.roi_canonical_size  # what distillation's own RoI pooling uses too
+    model.roi_levels = ROI_LEVELS[pyramid(spec.family, cfg)]
     if weights:
         state = load_state_dict_file(weights)
         try:
