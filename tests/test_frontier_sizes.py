@@ -50,3 +50,14 @@ def test_size_record_needs_the_headline_numbers():
                       "distilled_ap": 0.4, "baseline_p50_ms": 5.0, "distilled_p50_ms": 5.1, "teacher_p50_ms": 30.0}
     with pytest.raises(DetkdError, match=r"frontier-small: reports/summary.json lacks \['distilled_p50_ms'\]"):
         size_record("small", {k: v for k, v in metrics.items() if k != "distilled_p50_ms"}, "cpu", "label")
+
+
+def test_frontier_markdown_with_a_teacher_at_ap_zero():
+    """A few smoke-test iterations can leave the teacher at AP 0: the ratio column says n/a, no crash."""
+    from detkd.frontier import markdown
+
+    size = {"name": "default", "this_run": True, "baseline_p50_ms": 5.0, "distilled_p50_ms": 5.0,
+            "baseline_ap": 0.0, "distilled_ap": 0.01}
+    report = {"machine": "test", "batch": "batch1", "points": [], "arrows": [], "sizes": [size], "cpu": "x",
+              "teacher": {"AP": 0.0, "p50_ms": 20.0}}
+    assert "| +0.010 | n/a |" in markdown(report)

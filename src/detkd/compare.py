@@ -439,7 +439,8 @@ def measure_all_step_times(params, teachers: dict[str, Path], methods: list[str]
         fam_params = params.model_copy(update={"model": params.model.model_copy(update={"family": family})})
         for method in methods:
             print(f"compare: timing {family}/{method} ({iters} steps)", flush=True)
-            out.append(measure_step_times(fam_params, "data/prepared", teacher, method, iters=iters))
+            out.append(measure_step_times(fam_params, "data/prepared", teacher, method, iters=iters,
+                                          pretrained_dir=PRETRAINED_DIR))
     return out
 
 

@@ -111,9 +111,14 @@ def markdown(report: dict) -> str:
         flag = "" if s.get("cpu", report["cpu"]) == report["cpu"] else f" (measured on {s['cpu']})"
         lines.append(f"| {s['name']}{' (this run)' if s.get('this_run') else ''}{flag} | {s['baseline_p50_ms']:.1f} / "
                      f"{s['distilled_p50_ms']:.1f} | {s['baseline_ap']:.3f} | {s['distilled_ap']:.3f} | "
-                     f"{s['distilled_ap'] - s['baseline_ap']:+.3f} | {s['distilled_ap'] / teacher_ap:.2f} |")
+                     f"{s['distilled_ap'] - s['baseline_ap']:+.3f} | {_ratio(s['distilled_ap'], teacher_ap)} |")
     lines.append(f"\nTeacher: AP {teacher_ap:.3f} at {report['teacher']['p50_ms']:.1f} ms.")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(ap: float, teacher_ap: float) -> str:
+    """``ap / teacher_ap`` to 2 decimals; n/a for a teacher at AP 0 (e.g. a few smoke-test iterations)."""
+    return f"{ap / teacher_ap:.2f}" if teacher_ap > 0 else "n/a"
 
 
 def plot(report: dict, path: str | Path) -> None:

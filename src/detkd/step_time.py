@@ -19,7 +19,7 @@ import copy
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -30,6 +30,7 @@ from detkd.engine.optim import build_optimizer
 from detkd.engine.trainer import to_device, apply_gradients, forward_losses
 from detkd.models.builder import build_detector, make_spec
 from detkd.models.view import transform_batch
+from detkd.pretrain import pretrained_backbone_path
 from detkd.training import build_distillation_model
 
 
@@ -60,8 +61,11 @@ class _Trainee:
 
 
 def measure_step_times(params: Params, data_dir: str | Path, teacher_path: str | Path, method: str,
-                       iters: int = 20, warmup: int = 3, device: torch.device = torch.device("cpu")) -> dict:
-    """Median seconds of the three parts for ``method`` (params' hyper-parameters), see module docstring."""
+                       iters: int = 20, warmup: int = 3, device: torch.device = torch.device("cpu"),
+                       pretrained_dir: Optional[str | Path] = None) -> dict:
+    """Median seconds of the three parts for ``method`` (params' hyper-parameters), see module docstring.
+    The student starts as training starts it (``pretrained_dir``: the pretrain stage's output), so a
+    frozen stem and first stage are left out of both steps alike."""
     if iters < 1 or warmup < 0:
         raise ValueError(f"iters must be >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     params = params.model_copy(update={"distill": params.distill.model_copy(update={"method": method})})
@@ -70,7 +74,9 @@ def measure_step_times(params: Params, data_dir: str | Path, teacher_path: str |
     index = open_split(data_dir, "train", params.data.min_box_size)
     spec = make_spec(params.model.family, params.student.backbone, index.num_classes, params.detector_config("student"))
     seed_everything(seed)
-    student = build_detector(spec, params.student.weights, params.student.backbone_weights)
+    backbone_init = params.student.backbone_weights or pretrained_backbone_path(pretrained_dir, "student",
+                                                                                params.student.backbone)
+    student = build_detector(spec, params.student.weights, backbone_init)
     baseline = _Trainee(copy.deepcopy(student), schedule, device)
     distill_module, _ = build_distillation_model(params, student, spec, index, teacher_path)
     distilled = _Trainee(distill_module, schedule, device)
