@@ -37,7 +37,7 @@ from tqdm import tqdm
 from detkd.cli import seed_everything
 from detkd.config import Params, PretrainConfig, SyntheticConfig
 from detkd.data.synthetic import render_image
-from detkd.errors import ConfigError
+from detkd.errors import ConfigError, TrainingDivergedError
 
 MANIFEST = "pretrain.json"
 HELD_OUT_IMAGES = 512  # images after the training stream, scored once at the end
@@ -102,7 +102,7 @@ def pretrain_backbone(backbone: str, cfg: PretrainConfig, data_cfg: SyntheticCon
     for images, labels in bar:
         loss = F.cross_entropy(net(images), labels)
         if not torch.isfinite(loss):
-            raise ConfigError(f"pretrain: the loss of {backbone} became {loss.item()}; lower pretrain.lr")
+            raise TrainingDivergedError(f"pretrain: the loss of {backbone} became {loss.item()}; lower pretrain.lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -139,6 +139,13 @@ def roles_to_pretrain(params: Params) -> list[str]:
     if not params.pretrain.enabled:
         return []
     return [role for role in ("teacher", "student") if getattr(params, role).backbone_weights is None]
+
+
+def backbone_start(params: Params, role: str, pretrained_dir: Optional[str | Path]) -> Optional[str]:
+    """The backbone file ``role`` starts from: its own ``backbone_weights`` when set, else the pretrain
+    stage's file for it in ``pretrained_dir`` (if that stage made one), else None (from scratch)."""
+    network = getattr(params, role)
+    return network.backbone_weights or pretrained_backbone_path(pretrained_dir, role, network.backbone)
 
 
 def pretrained_backbone_path(pretrained_dir: Optional[str | Path], role: str, backbone: str) -> Optional[str]:

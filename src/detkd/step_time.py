@@ -30,7 +30,7 @@ from detkd.engine.optim import build_optimizer
 from detkd.engine.trainer import to_device, apply_gradients, forward_losses
 from detkd.models.builder import build_detector, make_spec
 from detkd.models.view import transform_batch
-from detkd.pretrain import pretrained_backbone_path
+from detkd.pretrain import backbone_start
 from detkd.training import build_distillation_model
 
 
@@ -63,7 +63,7 @@ class _Trainee:
 def measure_step_times(params: Params, data_dir: str | Path, teacher_path: str | Path, method: str,
                        iters: int = 20, warmup: int = 3, device: torch.device = torch.device("cpu"),
                        pretrained_dir: Optional[str | Path] = None) -> dict:
-    """Median seconds of the three parts for ``method`` (params' hyper-parameters), see module docstring.
+    """Median seconds of the parts for ``method`` (params' hyper-parameters), see module docstring.
     The student starts as training starts it (``pretrained_dir``: the pretrain stage's output), so a
     frozen stem and first stage are left out of both steps alike."""
     if iters < 1 or warmup < 0:
@@ -74,9 +74,7 @@ def measure_step_times(params: Params, data_dir: str | Path, teacher_path: str |
     index = open_split(data_dir, "train", params.data.min_box_size)
     spec = make_spec(params.model.family, params.student.backbone, index.num_classes, params.detector_config("student"))
     seed_everything(seed)
-    backbone_init = params.student.backbone_weights or pretrained_backbone_path(pretrained_dir, "student",
-                                                                                params.student.backbone)
-    student = build_detector(spec, params.student.weights, backbone_init)
+    student = build_detector(spec, params.student.weights, backbone_start(params, "student", pretrained_dir))
     baseline = _Trainee(copy.deepcopy(student), schedule, device)
     distill_module, _ = build_distillation_model(params, student, spec, index, teacher_path)
     distilled = _Trainee(distill_module, schedule, device)

@@ -20,7 +20,7 @@ from detkd.engine.checkpoint import save_model_checkpoint
 from detkd.engine.distributed import DistInfo, barrier, pick_device
 from detkd.engine.trainer import TrainResult, train
 from detkd.models.builder import build_detector, make_spec
-from detkd.pretrain import pretrained_backbone_path
+from detkd.pretrain import backbone_start
 from detkd.tracking.mlflow_run import git_commit
 
 
@@ -49,7 +49,7 @@ def train_detector(
     spec = make_spec(params.model.family, network.backbone, index.num_classes, params.detector_config(role))
     seed = params.stage_seed(role)
     seed_everything(seed)
-    backbone_init = network.backbone_weights or pretrained_backbone_path(pretrained_dir, role, network.backbone)
+    backbone_init = backbone_start(params, role, pretrained_dir)
     model = build_detector(spec, network.weights, backbone_init)
     device = pick_device(dist_info)
     key = fingerprint(spec.to_dict(), schedule.model_dump(), network.model_dump(), seed, load_manifest(data_dir), split,

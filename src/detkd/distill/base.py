@@ -21,6 +21,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
 from detkd.errors import ConfigError
+from detkd.models.builder import ROI_LEVELS
 from detkd.models.view import DenseOutputs, DetectorTensors
 
 
@@ -166,9 +167,9 @@ def fpn_mse(student: "OrderedDict[str, Tensor]", teacher: "OrderedDict[str, Tens
     return sum(F.mse_loss(a(s), t) for a, s, t in zip(adapters, student.values(), teacher.values()))
 
 
-# RoI pooling levels of each family's default pyramid (torchvision's multi-scale pooler picks one per box);
+# RoI pooling levels of the default pyramid (torchvision's multi-scale pooler picks one per box);
 # DistillationModel replaces them with the student's own ``roi_levels``.
-POOL_LEVELS = {"fasterrcnn": ["0", "1", "2", "3"], "retinanet": ["0", "1", "2", "3"]}
+POOL_LEVELS = ROI_LEVELS["p2-p6"]
 
 
 @torch.no_grad()

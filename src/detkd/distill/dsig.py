@@ -103,7 +103,7 @@ class DSIG(DistillMethod):
         self.roi_adapter = optional_adapter(student_channels, teacher_channels)
         self.fpn_adapters = nn.ModuleList(optional_adapter(student_channels, teacher_channels) for _ in range(num_levels))
         if family == "retinanet":
-            self.pool = MultiScaleRoIAlign(POOL_LEVELS[family], 7, 2)
+            self.pool = MultiScaleRoIAlign(POOL_LEVELS, 7, 2)
 
     # -- two-stage -----------------------------------------------------------------------------------
     def _two_stage(self, inputs: DistillInputs) -> dict[str, Tensor]:

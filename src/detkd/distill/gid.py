@@ -89,7 +89,7 @@ class GID(DistillMethod):
         self.w_feature, self.w_relation = w_feature, w_relation
         self.w_response_cls, self.w_response_reg = w_response_cls, w_response_reg
         self.roi_size = roi_size
-        self.pool = MultiScaleRoIAlign(POOL_LEVELS[family], roi_size, 2)
+        self.pool = MultiScaleRoIAlign(POOL_LEVELS, roi_size, 2)
         self.adapter = optional_adapter(student_channels, teacher_channels)
 
     def forward(self, inputs: DistillInputs):
