@@ -23,8 +23,9 @@ features; ``fpn_adapters``, one 1x1 conv per level for the FPN term. The RoI log
 both heads predict the same K+1 classes whatever their representation sizes.
 
 Deviations (tested or stated): node and edge terms are summed over images as in the code, so their scale
-grows with images per batch (the code used 2 per GPU); RoIAlign is torchvision's (aligned=False) rather
-than detectron2's ROIAlignV2; with differing FPN widths a 1x1 student adapter maps pooled features
+grows with images per batch (the code used 2 per GPU); RoIAlign is torchvision's (aligned=False; the
+one-stage nodes are pooled by ``detkd.distill.roi_pool``'s gather, equal to torchvision's and faster on CPU)
+rather than detectron2's ROIAlignV2; with differing FPN widths a 1x1 student adapter maps pooled features
 (the paper's students all had 256-channel FPNs and no adapter); a graph with no nodes contributes 0.
 """
 
@@ -33,10 +34,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import MultiScaleRoIAlign, clip_boxes_to_image
+from torchvision.ops import clip_boxes_to_image
 
 from detkd.distill.base import (POOL_LEVELS, DistillInputs, DistillMethod, first_k_batched_nms, fpn_mse,
                                 optional_adapter, register, zero_if_empty)
+from detkd.distill.roi_pool import GatherMultiScaleRoIAlign
 
 
 def edge_loss(student_nodes: Tensor, teacher_nodes: Tensor) -> Tensor:
@@ -103,7 +105,7 @@ class DSIG(DistillMethod):
         self.roi_adapter = optional_adapter(student_channels, teacher_channels)
         self.fpn_adapters = nn.ModuleList(optional_adapter(student_channels, teacher_channels) for _ in range(num_levels))
         if family == "retinanet":
-            self.pool = MultiScaleRoIAlign(POOL_LEVELS, 7, 2)
+            self.pool = GatherMultiScaleRoIAlign(POOL_LEVELS, 7, 2)
 
     # -- two-stage -----------------------------------------------------------------------------------
     def _two_stage(self, inputs: DistillInputs) -> dict[str, Tensor]:

@@ -20,8 +20,8 @@ student's pooled GI features, present only when the FPN widths differ (identity 
 terms compare the dense heads' outputs, which have the same shape whatever the widths.
 
 Choices (documented deviations): ``min_box_side`` is a hyper-parameter (10 px at COCO resolution is too
-large for small inputs); RoIAlign is torchvision's multi-scale pooler (aligned=False, its level rule)
-rather than ROIAlignV2; a student 1x1 adapter is applied when FPN widths differ (the reproduction's
+large for small inputs); RoIAlign is torchvision's multi-scale pooler (aligned=False, its level rule;
+computed as a gather, ``detkd.distill.roi_pool``, equal to torchvision's and faster on CPU) rather than ROIAlignV2; a student 1x1 adapter is applied when FPN widths differ (the reproduction's
 adapter is never used, which only works for equal widths); for Faster R-CNN the response term applies to
 the RPN outputs on GI-matched anchors (methods.md 3.5 [INFER]).
 """
@@ -31,10 +31,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import MultiScaleRoIAlign, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import clip_boxes_to_image, remove_small_boxes
 
 from detkd.distill.base import (POOL_LEVELS, DistillInputs, DistillMethod, first_k_nms, optional_adapter, register,
                                 zero_if_empty)
+from detkd.distill.roi_pool import GatherMultiScaleRoIAlign
 from detkd.models.view import DenseOutputs
 
 
@@ -89,7 +90,7 @@ class GID(DistillMethod):
         self.w_feature, self.w_relation = w_feature, w_relation
         self.w_response_cls, self.w_response_reg = w_response_cls, w_response_reg
         self.roi_size = roi_size
-        self.pool = MultiScaleRoIAlign(POOL_LEVELS, roi_size, 2)
+        self.pool = GatherMultiScaleRoIAlign(POOL_LEVELS, roi_size, 2)
         self.adapter = optional_adapter(student_channels, teacher_channels)
 
     def forward(self, inputs: DistillInputs):
