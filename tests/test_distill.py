@@ -223,6 +223,35 @@ def test_dsig_adaptive_background_weight_and_per_image_sum():
     assert l_edge.item() == pytest.approx(0.0)  # single fg node per graph: both similarity matrices are [[1]]
 
 
+def test_dsig_graph_losses_equal_the_masked_formula():
+    """graph_losses reduces per node and gathers once; it must equal the terms written with masks."""
+    import torch.nn.functional as F
+
+    from detkd.distill.dsig import edge_loss, graph_losses, mine_background
+
+    gen = torch.Generator().manual_seed(0)
+    s = [torch.randn(n, 3, 2, 2, generator=gen, dtype=torch.float64) for n in (9, 5, 4)]
+    t = [torch.randn(n, 3, 2, 2, generator=gen, dtype=torch.float64) for n in (9, 5, 4)]
+    labels = [torch.tensor([1, 0, 2, 0, 0, 3, 0, 1, 0]), torch.tensor([0, 0, 0, 0, 0]), torch.tensor([2, 1, 1, 3])]
+    logits = [torch.randn(n, 4, generator=gen, dtype=torch.float64) for n in (9, 5, 4)]
+    ref = [torch.zeros((), dtype=torch.float64) for _ in range(3)]
+    for si, ti, lab, lg in zip(s, t, labels, logits):
+        fg, bg = lab > 0, lab == 0
+        if fg.any():
+            ref[0] = ref[0] + F.mse_loss(si[fg], ti[fg])
+        keep = torch.zeros(0, dtype=torch.bool)
+        if bg.any():
+            ref[1] = ref[1] + 7.5 * int(fg.sum()) / int(bg.sum()) * F.mse_loss(si[bg], ti[bg])
+            keep = mine_background(lg[bg], 0.6)
+        nodes_s, nodes_t = torch.cat([si[fg], si[bg][keep]]), torch.cat([ti[fg], ti[bg][keep]])
+        if len(nodes_s):
+            ref[2] = ref[2] + edge_loss(nodes_s, nodes_t)
+    assert any(mine_background(lg[lab == 0], 0.6).any() for lg, lab in zip(logits, labels))  # mining exercised
+    got = graph_losses(s, t, labels, logits, alpha=7.5, threshold=0.6)
+    for g, r in zip(got, ref):
+        assert g.item() == pytest.approx(r.item(), rel=1e-9)
+
+
 def test_dsig_edge_loss_known_answer():
     from detkd.distill.dsig import edge_loss
 
@@ -463,3 +492,25 @@ def test_teacher_passes_on_request_are_timed_as_teacher_time():
     dsig(*_batch(2))
     fitnet(*_batch(2))
     assert dsig.teacher_seconds > 0.0 and fitnet.teacher_seconds == 0.0
+
+
+def test_pointwise_roi_adapter_is_a_1x1_conv():
+    """The RoI adapters compute a 1x1 convolution as a matrix product: same output, gradients, state dict."""
+    from detkd.distill.base import PointwiseAdapter, conv_adapter
+
+    torch.manual_seed(0)
+    conv = conv_adapter(6, 10)
+    torch.manual_seed(0)
+    pointwise = PointwiseAdapter(6, 10)
+    assert pointwise.state_dict().keys() == conv.state_dict().keys()
+    for name, value in conv.state_dict().items():  # same initialisation from the same seed
+        assert torch.equal(pointwise.state_dict()[name], value)
+    x = torch.randn(5, 6, 7, 7, dtype=torch.float64)
+    conv, pointwise = conv.double(), pointwise.double()
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.testing.assert_close(pointwise(b), conv(a))
+    grad = torch.randn(5, 10, 7, 7, dtype=torch.float64)
+    conv(a).backward(grad)
+    pointwise(b).backward(grad)
+    torch.testing.assert_close(b.grad, a.grad)
+    torch.testing.assert_close(pointwise.weight.grad, conv.weight.grad)

@@ -145,8 +145,8 @@ def build_report(records: list, step_times: list[dict], tuning: Optional[list[di
         for st in step_times:
             if st["family"] == family and st["method"] in summary["methods"]:
                 summary["methods"][st["method"]]["step"] = {k: st[k] for k in (
-                    "baseline_step", "teacher_forward", "distill_step", "overhead", "overhead_share_of_baseline",
-                    "iters", "device", "threads") if k in st}
+                    "baseline_step", "teacher_forward", "distill_step", "overhead", "overhead_iqr",
+                    "overhead_share_of_baseline", "iters", "device", "threads") if k in st}
                 summary["methods"][st["method"]]["step"]["teacher_on_request"] = st.get("teacher_on_request", 0.0)
         if tuning:
             summary["tuning"] = summarise_tuning(tuning, family)
@@ -205,7 +205,8 @@ def render_markdown(report: dict) -> str:
         lines += [f"Step times: median of {step['iters']} steps on {step['device']} with {step['threads']} threads, "
                   "the parts interleaved on the same batches (`detkd.step_time`). Teacher time is its own forward plus "
                   "the passes a method asks of it (its RoI head on the method's boxes, proposals, towers), timed "
-                  "where they run; added = distill step - baseline step - teacher time. Training s/it and peak "
+                  "where they run; added = distill step - baseline step - teacher time, the median of that difference over "
+                  "the batches (each batch's parts timed back to back). Training s/it and peak "
                   "memory come from the experiments' own training stages.", ""]
     return "\n".join(lines)
 

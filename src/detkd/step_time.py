@@ -8,9 +8,11 @@ features, plus the dense head for methods that read it). The teacher passes a me
 distillation step (its RoI head on the method's boxes, its proposals, its classification towers) are
 timed where they run (``teacher_on_request``, from ``DistillationModel.teacher_seconds``). The parts are
 interleaved per batch so drifts in machine speed hit them alike; medians over ``iters`` steps after
-``warmup`` are reported. The time a method adds beyond the teacher's computation is
-``distill_step - baseline_step - teacher_forward - teacher_on_request``: its losses, adapters, its own
-RoI pooling, sampling and selection, and their backward passes.
+``warmup`` are reported. The time a method adds beyond the teacher's computation (``overhead``) is the
+median over batches of ``distill_step - baseline_step - teacher_forward - teacher_on_request`` taken on
+the same batch (with its interquartile range, ``overhead_iqr``): its losses, adapters, its own RoI
+pooling, sampling and selection, and their backward passes. Pairing by batch cancels the machine's slow
+phases and the batches' differing object counts, which differences of separate medians do not.
 """
 
 from __future__ import annotations
@@ -60,6 +62,14 @@ class _Trainee:
         apply_gradients(loss, self.optimizer, self.scaler, self.trainable, self.grad_clip)
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    """[first, third] quartile (the values themselves when fewer than 2)."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return [q[0], q[2]]
+
+
 def measure_step_times(params: Params, data_dir: str | Path, teacher_path: str | Path, method: str,
                        iters: int = 20, warmup: int = 3, device: torch.device = torch.device("cpu"),
                        pretrained_dir: Optional[str | Path] = None) -> dict:
@@ -102,8 +112,11 @@ def measure_step_times(params: Params, data_dir: str | Path, teacher_path: str |
             for key, value in sample.items():
                 times[key].append(value)
     result = {key: statistics.median(values) for key, values in times.items()}
-    result["overhead"] = (result["distill_step"] - result["baseline_step"] - result["teacher_forward"]
-                          - result["teacher_on_request"])
+    # per batch, so a slow phase of the machine or a batch with more objects cancels out of the difference
+    added = [d - b - t - q for d, b, t, q in zip(times["distill_step"], times["baseline_step"],
+                                                 times["teacher_forward"], times["teacher_on_request"])]
+    result["overhead"] = statistics.median(added)
+    result["overhead_iqr"] = _quartiles(added)
     result["overhead_share_of_baseline"] = result["overhead"] / result["baseline_step"]
     result.update(method=method, family=params.model.family, iters=iters, warmup=warmup, device=str(device),
                   threads=torch.get_num_threads())

@@ -162,6 +162,23 @@ def optional_adapter(student_channels: int, teacher_channels: int) -> nn.Module:
     return nn.Identity() if student_channels == teacher_channels else conv_adapter(student_channels, teacher_channels)
 
 
+class PointwiseAdapter(nn.Conv2d):
+    """A 1x1 ``nn.Conv2d`` (same parameters and state dict) computed as one matrix product over all
+    pixels in channels-last order. On many small maps (pooled RoIs, [R, C, 7, 7]) this is about twice as
+    fast on CPU as the convolution kernels, and RoI features pooled channels-last need no copy."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+
+
+def optional_roi_adapter(student_channels: int, teacher_channels: int) -> nn.Module:
+    """``optional_adapter`` for pooled RoI features: identity, or a ``PointwiseAdapter``."""
+    return nn.Identity() if student_channels == teacher_channels else PointwiseAdapter(student_channels, teacher_channels)
+
+
 def fpn_mse(student: "OrderedDict[str, Tensor]", teacher: "OrderedDict[str, Tensor]", adapters: nn.ModuleList) -> Tensor:
     """sum over levels of MSE_mean(A_l(F_S^l), F_T^l): plain whole-map imitation."""
     return sum(F.mse_loss(a(s), t) for a, s, t in zip(adapters, student.values(), teacher.values()))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import clip_boxes_to_image, remove_small_boxes
 
-from detkd.distill.base import (POOL_LEVELS, DistillInputs, DistillMethod, first_k_nms, optional_adapter, register,
+from detkd.distill.base import (POOL_LEVELS, DistillInputs, DistillMethod, first_k_nms, optional_roi_adapter, register,
                                 zero_if_empty)
 from detkd.distill.roi_pool import GatherMultiScaleRoIAlign
 from detkd.models.view import DenseOutputs
@@ -91,7 +91,7 @@ class GID(DistillMethod):
         self.w_response_cls, self.w_response_reg = w_response_cls, w_response_reg
         self.roi_size = roi_size
         self.pool = GatherMultiScaleRoIAlign(POOL_LEVELS, roi_size, 2)
-        self.adapter = optional_adapter(student_channels, teacher_channels)
+        self.adapter = optional_roi_adapter(student_channels, teacher_channels)
 
     def forward(self, inputs: DistillInputs):
         st, te = inputs.student.dense, inputs.teacher_dense
