@@ -175,3 +175,29 @@ def test_step_time_breakdown(tiny_setup, method):
     assert (out["teacher_on_request"] > 0) == (method == "dsig")  # DSIG runs the teacher's RoI head on its boxes
     assert out["overhead_share_of_baseline"] == pytest.approx(out["overhead"] / out["baseline_step"])
     assert (out["method"], out["iters"], out["family"]) == (method, 3, params.model.family)
+
+
+def test_step_time_cli_prints_and_writes_each_method(tiny_setup, tmp_path, capsys):
+    from detkd.step_time import main
+
+    params, root = tiny_setup
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    out = tmp_path / "steps.json"
+    main(["--teacher", str(root / "t.pt"), "--methods", "fitnet", "none", "--iters", "1", "--warmup", "0",
+          "--params", str(params_file), "--data", str(root / "prepared"), "--pretrained", str(tmp_path / "none"),
+          "--json", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["family", "method"]
+    assert [line.split()[1] for line in lines[1:]] == ["fitnet", "none"]
+    assert [r["method"] for r in json.loads(out.read_text())] == ["fitnet", "none"]
+
+
+def test_step_time_cli_refuses_an_unknown_teacher_or_method(tmp_path):
+    from detkd.errors import DetkdError
+    from detkd.step_time import main
+
+    with pytest.raises(DetkdError, match="neither a file nor a DVC experiment name"):
+        main(["--teacher", "no-such-experiment-xyz"])
+    with pytest.raises(DetkdError, match="unknown"):
+        main(["--methods", "dsgi"])

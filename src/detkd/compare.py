@@ -116,7 +116,7 @@ def is_current(result: dict, params_raw: dict, exp: Experiment) -> bool:
 # ---- running ------------------------------------------------------------------------------------------
 
 def _dvc(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(["dvc", *args], text=True, capture_output=True, **kwargs)
+    return subprocess.run([sys.executable, "-m", "dvc", *args], text=True, capture_output=True, **kwargs)
 
 
 def experiment_results() -> dict[str, dict]:

@@ -23,7 +23,7 @@ OVERHEAD_TARGET = 0.10  # share of a baseline step a method may add beyond the t
 GAP_TARGET = 0.50  # share of the teacher-student gap the best method must recover
 OVERHEAD_EXEMPT = ("drkd",)  # trains extra graph units; reported, not held to the target
 
-# Published COCO box AP (student -> distilled) from ../shared/methods.md; "teacher" where stated.
+# Published COCO box AP (student -> distilled) from the papers; "teacher" where stated.
 PUBLISHED = {
     "fitnet": {"fasterrcnn": "R50 37.4 -> 40.1 (+2.7; R152 teacher 41.3; DeFeat's all-neck ablation)",
                "retinanet": "R50 36.5 -> 39.1 (+2.6; DeFeat's all-neck ablation)"},

@@ -13,6 +13,10 @@ median over batches of ``distill_step - baseline_step - teacher_forward - teache
 the same batch (with its interquartile range, ``overhead_iqr``): its losses, adapters, its own RoI
 pooling, sampling and selection, and their backward passes. Pairing by batch cancels the machine's slow
 phases and the batches' differing object counts, which differences of separate medians do not.
+
+``python -m detkd.step_time --teacher models/teacher.pt`` prints the breakdown of every method for
+params.yaml's family on this machine (``--family retinanet --teacher cmp-retina-teacher`` takes the teacher
+of a DVC experiment; ``--json`` also writes the numbers).
 """
 
 from __future__ import annotations
@@ -121,3 +125,86 @@ def measure_step_times(params: Params, data_dir: str | Path, teacher_path: str |
     result.update(method=method, family=params.model.family, iters=iters, warmup=warmup, device=str(device),
                   threads=torch.get_num_threads())
     return result
+
+
+def experiment_teacher(name: str, repo: Path = Path(".")) -> Optional[Path]:
+    """The cached teacher checkpoint of DVC experiment ``name`` (newest of that name, any baseline
+    commit), or None when no experiment has that name."""
+    import subprocess
+
+    from detkd.compare import teacher_checkpoint
+
+    refs = subprocess.run(["git", "for-each-ref", "refs/exps", "--sort=-committerdate",
+                           "--format=%(refname) %(objectname)"], cwd=repo, text=True, capture_output=True).stdout
+    for line in refs.splitlines():
+        ref, rev = line.split()
+        if ref.rsplit("/", 1)[-1] == name and not ref.startswith("refs/exps/apply"):
+            return teacher_checkpoint(rev, repo)
+    return None
+
+
+def format_row(r: dict) -> str:
+    """One line of the breakdown, in milliseconds."""
+    ms = lambda x: f"{x * 1e3:.0f}"  # noqa: E731
+    low, high = r["overhead_iqr"]
+    return (f"{r['family']:<10} {r['method']:<7} {ms(r['baseline_step']):>9} {ms(r['teacher_forward']):>8} "
+            f"{ms(r['teacher_on_request']):>7} {ms(r['distill_step']):>8} {ms(r['overhead']):>6} "
+            f"{r['overhead_share_of_baseline']:>+6.0%}  {ms(low)}..{ms(high)}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    import argparse
+    import json
+
+    from detkd.config import load_params
+    from detkd.distill import METHODS
+    from detkd.errors import DetkdError
+
+    parser = argparse.ArgumentParser(prog="python -m detkd.step_time", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="models/teacher.pt",
+                        help="teacher checkpoint, or the name of a DVC experiment that trained one "
+                             "(e.g. cmp-retina-teacher from make compare)")
+    parser.add_argument("--family", default=None, help="model.family (default: params.yaml's)")
+    parser.add_argument("--methods", nargs="+", default=["fitnet", "dsig", "drkd", "gid", "defeat", "mar"])
+    parser.add_argument("--iters", type=int, default=20, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--pretrained", default="models/pretrained", help="the pretrain stage's output")
+    parser.add_argument("--json", default=None, help="also write the breakdowns to this JSON file")
+    args = parser.parse_args(argv)
+
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise DetkdError(f"--methods: unknown {unknown}; choose from {', '.join(sorted(METHODS))}")
+    teacher = Path(args.teacher)
+    if not teacher.is_file():
+        teacher = experiment_teacher(args.teacher)
+        if teacher is None:
+            raise DetkdError(f"--teacher: {args.teacher} is neither a file nor a DVC experiment name "
+                             "(dvc exp list -A lists them; dvc repro train_teacher writes models/teacher.pt)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {"model": {"family": args.family}} if args.family else None
+    params = load_params(args.params, overrides)
+    pretrained = args.pretrained if Path(args.pretrained).is_dir() else None
+    print(f"{'family':<10} {'method':<7} {'baseline':>9} {'teacher':>8} {'on-req':>7} {'distill':>8} {'added':>6} "
+          f"{'share':>6}  added IQR   (ms per step, median of {args.iters}; {torch.get_num_threads()} threads)")
+    rows = []
+    for method in args.methods:
+        row = measure_step_times(params, args.data, teacher, method, iters=args.iters, warmup=args.warmup,
+                                 pretrained_dir=pretrained)
+        rows.append(row)
+        print(format_row(row), flush=True)
+    if args.json:
+        from detkd.io import atomic_write_json
+
+        atomic_write_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    from detkd.cli import run_main
+
+    run_main(main)

@@ -176,7 +176,9 @@ class PointwiseAdapter(nn.Conv2d):
 
 def optional_roi_adapter(student_channels: int, teacher_channels: int) -> nn.Module:
     """``optional_adapter`` for pooled RoI features: identity, or a ``PointwiseAdapter``."""
-    return nn.Identity() if student_channels == teacher_channels else PointwiseAdapter(student_channels, teacher_channels)
+    if student_channels == teacher_channels:
+        return nn.Identity()
+    return PointwiseAdapter(student_channels, teacher_channels)
 
 
 def fpn_mse(student: "OrderedDict[str, Tensor]", teacher: "OrderedDict[str, Tensor]", adapters: nn.ModuleList) -> Tensor:

@@ -1,5 +1,5 @@
 """DeFeat: Distilling Object Detectors via Decoupled Features (Guo et al., CVPR 2021), after the official
-code (ggjy/DeFeat.pytorch) as summarised in methods.md section 4.
+code (ggjy/DeFeat.pytorch).
 
 Neck term, per FPN level l with the GT object mask M (each box on one level, see ``masks``):
     L_obj^l = sum M (A_l(S) - T)^2 / max(1, 2 N_obj^l),   L_bg^l = sum (1-M)(A_l(S) - T)^2 / max(1, 2 N_bg^l)

@@ -1,5 +1,4 @@
-"""DRKD: Dual Relation Knowledge Distillation (Ni et al., IJCAI 2023), after the released two-stage code as
-summarised in methods.md section 2.3.
+"""DRKD: Dual Relation Knowledge Distillation (Ni et al., IJCAI 2023), after the released two-stage code.
 
 Pixel-wise relation: one GloRe graph-reasoning unit per FPN level on each side (trainable, owned by the
 method), a 1x1 adapter after the student's:  L_PR = sum_l || A_l(phi_S,l(F_S^l)) - phi_T,l(F_T^l) ||_F

@@ -1,5 +1,5 @@
 """DSIG: Deep Structured Instance Graphs for distilling object detectors (Chen et al., ICCV 2021), after
-the official code (dvlab-research/Dsig) as summarised in methods.md section 1.
+the official code (dvlab-research/Dsig).
 
 Two-stage (Faster R-CNN): nodes are the RoIAlign features of the student's *sampled* RoIs, pooled from
 each network's own FPN on the same boxes. Per image i (fg = label > 0, bg = label == 0 in torchvision):

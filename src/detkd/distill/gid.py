@@ -1,5 +1,5 @@
 """GID: General Instance Distillation for object detection (Dai et al., CVPR 2021), after the authors'
-detectron2 re-implementation as summarised in methods.md section 3.
+detectron2 re-implementation.
 
 General Instance Selection (GISM), GT-free, on the dense predictions (RetinaNet's head; for Faster R-CNN
 the RPN, as the paper does for two-stage detectors):
@@ -21,9 +21,10 @@ terms compare the dense heads' outputs, which have the same shape whatever the w
 
 Choices (documented deviations): ``min_box_side`` is a hyper-parameter (10 px at COCO resolution is too
 large for small inputs); RoIAlign is torchvision's multi-scale pooler (aligned=False, its level rule;
-computed as a gather, ``detkd.distill.roi_pool``, equal to torchvision's and faster on CPU) rather than ROIAlignV2; a student 1x1 adapter is applied when FPN widths differ (the reproduction's
-adapter is never used, which only works for equal widths); for Faster R-CNN the response term applies to
-the RPN outputs on GI-matched anchors (methods.md 3.5 [INFER]).
+computed as a gather, ``detkd.distill.roi_pool``, equal to torchvision's and faster on CPU) rather than
+ROIAlignV2; a student 1x1 adapter is applied when FPN widths differ (the reproduction's adapter is never
+used, which only works for equal widths); for Faster R-CNN the response term applies to the RPN outputs
+on GI-matched anchors (our reading: the paper does not spell out the two-stage response term).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """MAR: Mask-guided feature and relation-based knowledge distillation (Zeng et al., IJCSE 2024).
 
-Only the abstract is public (methods.md section 5): "multi-value masks" that focus the student on
+Only the abstract is public: "multi-value masks" that focus the student on
 close-to-object features, and relations between feature pixels of the classification head. Everything
 below is a reconstruction from that abstract, reported as "MAR (re-implementation from abstract)":
 
