@@ -106,7 +106,7 @@ def train(
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    start, history = 0, []
+    start, history, resume_rng = 0, [], None
     if state_path is not None and state_path.is_file():
         state = load_file(state_path)
         if state.get("fingerprint") == fingerprint and state.get("total") == total:
@@ -115,7 +115,7 @@ def train(
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             start, history = int(state["iteration"]), list(state["history"])
-            torch.set_rng_state(state["rng"])
+            resume_rng = state["rng"]  # restored where the interrupted run was: see the epoch loop
             if dist_info.is_main:
                 print(f"{description}: resuming from {state_path} at iteration {start}/{total}")
         elif dist_info.is_main:
@@ -153,7 +153,19 @@ def train(
     for epoch in range(start // iters_per_epoch, cfg.epochs):
         skip = (iteration - epoch * iters_per_epoch) * cfg.batch_size
         sampler.set_epoch(epoch, skip=skip)
-        for images, targets in make_loader(dataset, cfg.batch_size, cfg.workers, sampler):
+        loader = make_loader(dataset, cfg.batch_size, cfg.workers, sampler)
+        # Starting an epoch's DataLoader iterator draws its base seed from torch's global generator, the one
+        # the detectors' RoI/anchor samplers use. A state saved at an epoch's end holds the generator before
+        # that draw; one saved mid-epoch holds it after (the uninterrupted run drew at the epoch's start).
+        # Restoring on the matching side of iter() continues the uninterrupted run's stream exactly.
+        if resume_rng is not None and skip == 0:
+            torch.set_rng_state(resume_rng)
+            resume_rng = None
+        batches = iter(loader)
+        if resume_rng is not None:
+            torch.set_rng_state(resume_rng)
+            resume_rng = None
+        for images, targets in batches:
             images, targets = to_device(images, targets, device)
             losses, loss = forward_losses(model, images, targets, use_amp)
             if not torch.isfinite(loss):
