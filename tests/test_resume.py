@@ -80,3 +80,19 @@ def test_sigkill_after_a_mid_epoch_state_then_resume_is_bit_identical(setup):
     differing = [k for k in a if torch.is_tensor(a[k]) and not torch.equal(a[k], b[k])]
     assert not differing, f"weights differ after resuming from iteration {seen}: {differing[:5]}"
     assert (root / "whole.csv").read_text() == (root / "killed.csv").read_text()
+
+
+def test_a_corrupt_state_is_moved_aside_and_stale_temporaries_removed(setup):
+    root = setup
+    state_dir = root / "corrupt-state"
+    state_dir.mkdir()
+    (state_dir / "state.pt").write_bytes(b"PK\x03\x04 cut short by a kill")
+    stale = state_dir / ".state.pt.k1ll3d.tmp"  # what a write killed midway leaves (detkd.io.atomic_path)
+    stale.write_bytes(b"\0" * 1024)
+    proc = subprocess.run(_command(root, "corrupt"), env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "state.pt" in warnings[0] and "starting afresh" in warnings[0]
+    assert (state_dir / "state.pt.corrupt").read_bytes().startswith(b"PK")
+    assert not stale.exists()
+    assert (root / "corrupt.pt").is_file()

@@ -15,7 +15,9 @@ written only from finite steps, is kept.
 from __future__ import annotations
 
 import math
+import os
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ from detkd.data.dataset import DetectionDataset, EpochSampler, make_loader
 from detkd.engine.checkpoint import load_file
 from detkd.engine.distributed import DistInfo, all_reduce_mean
 from detkd.engine.optim import build_optimizer, build_scheduler
-from detkd.errors import TrainingDivergedError
+from detkd.errors import CheckpointError, TrainingDivergedError
 from detkd.io import atomic_torch_save
 
 LogFn = Callable[[int, dict], None]
@@ -82,6 +84,28 @@ def apply_gradients(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler
     scaler.update()
 
 
+def _load_resumable_state(state_path: Path, is_main: bool) -> Optional[dict]:
+    """The periodic state at ``state_path``, or None. Temporary files a killed write left beside it are
+    removed; a state that cannot be read (cut short, not a detkd state) is moved aside to
+    ``<name>.corrupt`` with a one-line warning, so the stage starts afresh instead of failing every rerun."""
+    if is_main:
+        for stale in state_path.parent.glob(f".{state_path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    if not state_path.is_file():
+        return None
+    try:
+        state = load_file(state_path)
+        if not isinstance(state, dict) or not {"module", "optimizer", "iteration", "rng"} <= state.keys():
+            raise CheckpointError(f"{state_path}: not a detkd training state")
+    except CheckpointError as exc:
+        if is_main:
+            aside = state_path.with_name(state_path.name + ".corrupt")
+            os.replace(state_path, aside)
+            print(f"warning: {exc}; moved it to {aside} and starting afresh", file=sys.stderr)
+        return None
+    return state
+
+
 def train(
     module: nn.Module,
     dataset: DetectionDataset,
@@ -107,8 +131,8 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     start, history, resume_rng = 0, [], None
-    if state_path is not None and state_path.is_file():
-        state = load_file(state_path)
+    state = _load_resumable_state(state_path, dist_info.is_main) if state_path is not None else None
+    if state is not None:
         if state.get("fingerprint") == fingerprint and state.get("total") == total:
             module.load_state_dict(state["module"])
             optimizer.load_state_dict(state["optimizer"])
