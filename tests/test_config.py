@@ -50,6 +50,22 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_params(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("content, expected", [
+    (b"", "the file is empty"),
+    (b"seed: 1\nmodel: {}\nseed: 2\n", "line 3, column 1: not valid YAML: key 'seed' appears twice \\(lines 1 and 3\\)"),
+    (b"train_student:\n  epochs: 3\n  epochs: 4\n", "key 'epochs' appears twice"),
+    (b"seed: [1, 2\n", "line 2, column 1: not valid YAML"),
+    (b"seed: 1  # caf\xe9\n", "not UTF-8 text \\(byte 0xe9 at offset 14\\)"),
+    (b"train_student:\n  lr: 1e-3\n", "train_student.lr: .* write 0.001"),
+])
+def test_params_file_mistakes_get_one_line_naming_the_place(tmp_path, content, expected):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_params(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
 def test_error_is_one_line():
     with pytest.raises(ConfigError) as info:
         parse_params({"model": {"family": "yolo"}})

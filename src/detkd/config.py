@@ -441,6 +441,12 @@ def _format_error(source: str, err: dict, model: type[BaseModel]) -> str:
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     message = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("float_type", "float_parsing", "int_type", "int_parsing") and isinstance(value, str):
+        try:
+            float(value)
+            shown += f"; YAML reads a number without a dot as text: write {float(value)!r}"
+        except ValueError:
+            pass
     if not loc:  # a rule across sections: its message names the keys
         return f"{source}: {message}"
     return f"{source}: {loc}: {message}{shown}"
@@ -484,15 +490,47 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise ConfigError(_format_error(source, exc.errors()[0], Params)) from None
 
 
-def load_params(path: str | Path = "params.yaml", overrides: Optional[dict] = None) -> Params:
-    """Read and validate ``path``; ``overrides`` (a nested dict) is merged on top before validation."""
-    path = Path(path)
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path):
+    """The YAML document at ``path``; ``ConfigError`` naming the file, and the line where YAML says
+    where, for a missing file, text that is not UTF-8, a syntax error or a key given twice."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                          "save it as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where} not valid YAML: {problem}") from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Optional[dict] = None) -> Params:
+    """Read and validate ``path``; ``overrides`` (a nested dict) is merged on top before validation.
+    An empty file is refused (running silently on defaults would hide a lost file)."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty; restore it (git checkout {path.name}) or write its sections")
     if overrides:
         raw = deep_merge(raw or {}, overrides)
     return parse_params(raw, str(path))
