@@ -90,6 +90,14 @@ def test_evaluate_with_corrupt_checkpoint(tmp_path):
     assert not (tmp_path / "reports/eval.json").exists()
 
 
+@pytest.mark.parametrize("models, fragment", [(["models/student.pt"], "expected NAME=CHECKPOINT"),
+                                             (["a=x.pt", "a=y.pt"], "given twice")])
+def test_evaluate_refuses_a_malformed_model_argument(tmp_path, models, fragment):
+    args = [arg for m in models for arg in ("--model", m)]
+    proc = _stage("evaluate.py", *args, cwd=tmp_path)
+    _assert_one_line_error(proc, "--model", fragment)
+
+
 @pytest.mark.parametrize(
     "teacher_bytes, fragments",
     [(None, ["missing-teacher.pt", "checkpoint not found"]), (b"PK\x03\x04truncated", ["missing-teacher.pt", "not a readable checkpoint"])],
