@@ -139,6 +139,29 @@ def tracking_enabled() -> bool:
     return os.environ.get("DETKD_TRACKING", "on").lower() not in ("0", "off", "false", "no")
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock (``<store>.lock`` beside a SQLite store) held while a process opens the store and
+    finds or creates the experiment. MLflow creates a new SQLite store's tables on first access; two
+    stages doing that at once (queued DVC experiments, ``make compare --jobs 2``) failed with "table ...
+    already exists". Other URIs (a server, a directory) need no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))  # sqlite:////abs/path -> /abs/path; sqlite:///rel -> rel
+    if not db.is_absolute():
+        db = Path.cwd() / db
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _experiment_id(client, root: Path) -> str:
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
@@ -175,8 +198,10 @@ def stage_run(stage: str, params: Optional[dict] = None, rank_zero: bool = True)
     from mlflow.tracking import MlflowClient
 
     root = repository_root()
-    client = MlflowClient(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root))
-    experiment_id = _experiment_id(client, root)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    with _store_lock(uri):  # the first access creates a SQLite store's schema: one process at a time
+        client = MlflowClient(tracking_uri=uri)
+        experiment_id = _experiment_id(client, root)
     pid = pipeline_id()
     tags = {
         "detkd.pipeline_id": pid,
