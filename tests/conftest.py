@@ -49,3 +49,51 @@ def coco_like(tmp_path: Path):
     categories = [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"}, {"id": 7, "name": "train"}]
     ann = write_coco(tmp_path / "annotations" / "instances.json", images, annotations, categories)
     return ann, image_dir
+
+
+# ---- a real training stage on tiny data (fault tests kill it, starve it of its tracking server...) ----
+# 12 train images, batch 4: 3 iterations per epoch, 12 in all; a state every 2 iterations falls mid-epoch
+# at 2, 4, 8 and 10
+TINY_STAGE_OVERRIDES = {"train_student": {"epochs": 4, "checkpoint_every": 2, "hflip": 0.5},
+                        "data": {"dev_fraction": 0.0}, "pretrain": {"enabled": False}}
+
+
+@pytest.fixture(scope="session")
+def tiny_stage(tmp_path_factory) -> Path:
+    """A directory with ``prepared/`` (the smoke-sized generated data) and ``params.yaml`` for
+    ``pipeline/train.py --role student`` (``stage_command``)."""
+    import yaml
+
+    from detkd.config import deep_merge, parse_params
+    from detkd.data.prepare import prepare_dataset
+    from detkd.smoke import SMOKE_OVERRIDES
+
+    root = tmp_path_factory.mktemp("tiny-stage")
+    raw = deep_merge(deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), SMOKE_OVERRIDES),
+                     TINY_STAGE_OVERRIDES)
+    params = parse_params(raw)
+    prepare_dataset(root / "prepared", params.data, params.seed)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    return root
+
+
+def stage_command(root: Path, name: str) -> list[str]:
+    """The student training stage writing ``<name>.pt``, ``<name>.csv`` and states in ``<name>-state/``."""
+    import sys
+
+    return [sys.executable, str(REPO / "pipeline/train.py"), "--role", "student", "--params", str(root / "params.yaml"),
+            "--data", str(root / "prepared"), "--out", str(root / f"{name}.pt"), "--history", str(root / f"{name}.csv"),
+            "--state-dir", str(root / f"{name}-state")]
+
+
+def stage_env(**extra: str) -> dict:
+    """One thread (bit-identical reruns), tracking off unless ``extra`` turns it on."""
+    return {**os.environ, "DETKD_TRACKING": "off", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
+
+
+def state_iteration(path: Path):
+    """The iteration of the periodic state at ``path``, or None while there is none (or it is being written)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["iteration"]
+    except Exception:
+        return None

@@ -19,8 +19,11 @@ import contextlib
 import hashlib
 import os
 import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
+
+from detkd.errors import ConfigError
 
 EXPERIMENT = os.environ.get("DETKD_MLFLOW_EXPERIMENT", "detkd")
 
@@ -83,17 +86,38 @@ class _NullRun:
 
 
 class _MlflowRun(_NullRun):
+    """Logs to MLflow. A call that fails (the server died, the disk of the store filled) prints one
+    warning and turns this stage's tracking off: training and the stage's outputs never depend on it."""
+
     enabled = True
 
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
+        self.broken = False
+
+    def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
+        if self.broken:
+            return None
+        try:
+            return fn()
+        except Exception as exc:  # MLflow raises many types (REST, SQLAlchemy, OS, requests)
+            self.broken = True
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            from tqdm import tqdm  # writes above a progress bar rather than into it
+
+            tqdm.write(f"warning: MLflow tracking at {self.client.tracking_uri} failed while {what} ({first}); "
+                       "this stage goes on without tracking, its outputs are written as usual", file=sys.stderr)
+            return None
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+        def send():
+            for start in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[start : start + 100])
+        self._guard("logging params", send)
 
     def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
         import time
@@ -106,33 +130,65 @@ class _MlflowRun(_NullRun):
             for k, v in flatten(metrics).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
-        for start in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[start : start + 500])
+
+        def send():
+            for start in range(0, len(items), 500):
+                self.client.log_batch(self.run_id, metrics=items[start : start + 500])
+        self._guard("logging metrics", send)
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         if Path(path).exists():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self._guard(f"uploading {path}", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def set_tags(self, tags: dict) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        self._guard("setting tags", lambda: [self.client.set_tag(self.run_id, k, str(v)) for k, v in tags.items()])
+
+    def terminate(self, run_id: str, status: str) -> None:
+        self._guard(f"marking the run {status}", lambda: self.client.set_terminated(run_id, status=status))
 
     def log_onnx_model(self, path: str | Path, name: str, registered_model: Optional[str] = None,
                        alias: Optional[str] = None) -> Optional[str]:
         """Log ``path`` with MLflow's ONNX flavour; with ``registered_model`` register it and point ``alias`` at
-        the new version. Returns the registered version (or None)."""
+        the new version. Returns the registered version (or None, also when tracking failed)."""
         import mlflow
         import mlflow.onnx
         import onnx
 
-        mlflow.set_tracking_uri(self.client.tracking_uri)
-        with mlflow.start_run(run_id=self.run_id):
-            logged = mlflow.onnx.log_model(onnx.load(str(path)), name=name, registered_model_name=registered_model,
-                                           save_as_external_data=False)
-        version = getattr(logged, "registered_model_version", None)
-        if registered_model and alias and version is not None:
-            self.client.set_registered_model_alias(registered_model, alias, str(version))
-        return None if version is None else str(version)
+        def send():
+            mlflow.set_tracking_uri(self.client.tracking_uri)
+            with mlflow.start_run(run_id=self.run_id):
+                logged = mlflow.onnx.log_model(onnx.load(str(path)), name=name, registered_model_name=registered_model,
+                                               save_as_external_data=False)
+            version = getattr(logged, "registered_model_version", None)
+            if registered_model and alias and version is not None:
+                self.client.set_registered_model_alias(registered_model, alias, str(version))
+            return None if version is None else str(version)
+        return self._guard(f"logging the ONNX model {path}", send)
+
+
+# Bounds on every MLflow HTTP call (MLflow's own defaults: 120 s per request, 7 retries with exponential
+# backoff, several minutes before a dead server surfaces). A user's own settings win.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+PROBE_TIMEOUT_S = 5.0
+
+
+def check_reachable(uri: str) -> None:
+    """For an http(s) tracking URI: ``ConfigError`` in at most ``PROBE_TIMEOUT_S`` seconds, one line naming the
+    URI and how to run without tracking, when its server does not answer. Other URIs are local stores."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return  # something answers (a proxy, an older server without /health): MLflow's calls will tell
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(f"MLflow tracking server {uri} is not reachable ({reason}); start it, fix "
+                          "MLFLOW_TRACKING_URI, or run with DETKD_TRACKING=off") from None
 
 
 def tracking_enabled() -> bool:
@@ -199,26 +255,56 @@ def stage_run(stage: str, params: Optional[dict] = None, rank_zero: bool = True)
 
     root = repository_root()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
-    with _store_lock(uri):  # the first access creates a SQLite store's schema: one process at a time
-        client = MlflowClient(tracking_uri=uri)
-        experiment_id = _experiment_id(client, root)
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
+    check_reachable(uri)
     pid = pipeline_id()
     tags = {
         "detkd.pipeline_id": pid,
         "detkd.git_commit": git_commit(),
         "detkd.dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
     }
-    parent = _parent_run(client, experiment_id, pid, tags)
-    run = client.create_run(
-        experiment_id, run_name=stage, tags={**tags, "detkd.kind": "stage", "detkd.stage": stage, "mlflow.parentRunId": parent}
-    )
+    try:
+        with _store_lock(uri):  # the first access creates a SQLite store's schema: one process at a time
+            client = MlflowClient(tracking_uri=uri)
+            experiment_id = _experiment_id(client, root)
+        parent = _parent_run(client, experiment_id, pid, tags)
+        run = client.create_run(experiment_id, run_name=stage, tags={**tags, "detkd.kind": "stage",
+                                                                     "detkd.stage": stage, "mlflow.parentRunId": parent})
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"MLflow tracking at {uri} failed while opening the stage's run ({first}); "
+                          "fix the store or MLFLOW_TRACKING_URI, or run with DETKD_TRACKING=off") from None
     handle = _MlflowRun(client, run.info.run_id)
     if params:
         handle.log_params(params)
+    with _sigterm_as_exit():
+        try:
+            yield handle
+        except BaseException:
+            handle.terminate(run.info.run_id, "FAILED")
+            handle.terminate(parent, "FAILED")
+            raise
+    handle.terminate(run.info.run_id, "FINISHED")
+    handle.terminate(parent, "FINISHED")
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """While the stage runs, SIGTERM (``kill``, a job scheduler, ``dvc queue kill``) raises ``SystemExit(143)``
+    in the main thread, so the run is marked FAILED instead of being left RUNNING."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield handle
-    except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
-        raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
-    client.set_terminated(parent, status="FINISHED")
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
