@@ -39,3 +39,8 @@ class InferenceInputError(DetkdError):
 
 class BackendUnavailableError(DetkdError):
     """An optional runtime (TensorRT, a CUDA device, an onnxruntime provider) is not present here."""
+
+
+class OutputWriteError(DetkdError):
+    """An output could not be written (no space left, read-only filesystem, permission); the previous
+    version of the file, if any, is intact."""

@@ -7,6 +7,7 @@ could read; the previous version, if any, stays intact until the new one is comp
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -14,22 +15,42 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from detkd.errors import OutputWriteError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``, on error removed."""
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``, on error removed.
+    A filesystem refusal (no space left, read-only, permission) becomes a one-line ``OutputWriteError``
+    naming the place; the previous ``path`` is untouched either way."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise OutputWriteError(describe_write_error(path, exc)) from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        if tmp_path is not None and tmp_path.exists():
+            with contextlib.suppress(OSError):
+                tmp_path.unlink()
+
+
+def describe_write_error(path: Path, exc: OSError) -> str:
+    """One line for a failed write of ``path``: what the filesystem said, and where."""
+    previous = f"; the previous {path.name} is intact" if path.exists() else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on {path.parent} (writing {path.name}){previous}"
+    if exc.errno == errno.EROFS:
+        return f"{path.parent} is read-only (writing {path.name}){previous}"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{path.parent}: permission denied (writing {path.name}){previous}"
+    return f"{path}: could not write ({exc.strerror or exc}){previous}"
 
 
 def _umask() -> int:
@@ -60,7 +81,14 @@ def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> No
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    """``torch.save`` through ``atomic_path``. The object is serialised in memory first and written with
+    plain file I/O, so a full disk reports ENOSPC (torch's own writer says only "unexpected pos")."""
+    import io
+
     import torch
 
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())

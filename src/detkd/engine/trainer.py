@@ -32,7 +32,7 @@ from detkd.data.dataset import DetectionDataset, EpochSampler, make_loader
 from detkd.engine.checkpoint import load_file
 from detkd.engine.distributed import DistInfo, all_reduce_mean
 from detkd.engine.optim import build_optimizer, build_scheduler
-from detkd.errors import CheckpointError, TrainingDivergedError
+from detkd.errors import CheckpointError, OutputWriteError, TrainingDivergedError
 from detkd.io import atomic_torch_save
 
 LogFn = Callable[[int, dict], None]
@@ -153,9 +153,22 @@ def train(
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
     model.train()
 
+    state_write_failed = False
+
     def save_state(iteration: int) -> None:
+        """The periodic state is optional: a write the filesystem refuses warns once and training goes on."""
+        nonlocal state_write_failed
         if state_path is None or not dist_info.is_main:
             return
+        try:
+            _write_state(iteration)
+        except OutputWriteError as exc:
+            if not state_write_failed:
+                tqdm.write(f"warning: periodic training state not saved: {exc}; training goes on, but an "
+                           "interruption from here restarts from the last state that was saved", file=sys.stderr)
+            state_write_failed = True
+
+    def _write_state(iteration: int) -> None:
         atomic_torch_save(
             state_path,
             {
