@@ -9,9 +9,12 @@ its ``.engine.json``). ``--backend`` picks the runtime: ``onnxruntime`` (default
 ``--provider cpu|cuda|tensorrt``), ``openvino`` (CPU, f32 inference precision unless ``--ov-precision``)
 or ``tensorrt`` (default for engines). Writes ``<out>/detections.json``
 (``{image: [{box: [x0, y0, x1, y1], score, label, class_name}]}``, boxes in image pixels) and
-``<out>/<image stem>.png``. Needs numpy, pillow, the runtime and the ``detkd`` package (torch only for
-engines). Errors (missing or corrupt model, runtime absent, engine from another GPU or TensorRT,
-unreadable image) are one line on stderr and exit status 2.
+``<out>/<image stem>.png`` (``<stem>-2.png``... when inputs share a name). Images are read as displayed:
+EXIF orientation applied, 16-bit greyscale scaled to 8 bits, transparency composited over white. An
+image that cannot be used is reported in one line and skipped; the others run (exit status 1 then,
+2 when none could). Needs numpy, pillow, the runtime and the ``detkd`` package (torch only for
+engines). Model errors (missing or corrupt model, runtime absent, engine from another GPU or TensorRT)
+are one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -37,6 +40,21 @@ def draw(image, detections: dict, path: Path) -> None:
     canvas.save(path)
 
 
+def drawing_names(paths: list[str]) -> dict[str, str]:
+    """``<stem>.png`` per input; inputs sharing a stem (``a/x.jpg``, ``b/x.jpg``) get ``<stem>-2.png``, ...
+    in input order, so no drawing overwrites another."""
+    names, used = {}, set()
+    for path in paths:
+        stem, n = Path(path).stem, 1
+        name = f"{stem}.png"
+        while name in used:
+            n += 1
+            name = f"{stem}-{n}.png"
+        used.add(name)
+        names[path] = name
+    return names
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="exported .onnx file (any precision) or TensorRT .engine")
@@ -55,32 +73,58 @@ def main(argv=None) -> int:
 
     from detkd.errors import DetkdError
     from detkd.runtime import load_runner
-    from detkd.runtime.preprocess import read_image
+    from detkd.runtime.preprocess import check_detectable, read_image
 
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
         backend = args.backend or ("onnxruntime" if args.model.endswith(".onnx") else "tensorrt")
         options = {"onnxruntime": {"providers": (args.provider,), "threads": args.threads},
                    "openvino": {"threads": args.threads, "precision": args.ov_precision}}.get(backend, {})
         runner = load_runner(args.model, backend, **options)
-        images = [read_image(p) for p in args.images]
+    except DetkdError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    paths, images, skipped = [], [], []
+    for path in args.images:  # one bad image is reported and skipped; the others still run
+        try:
+            image = read_image(path)  # its errors name the file
+            try:
+                check_detectable(image.shape, runner.info)
+            except DetkdError as exc:
+                raise type(exc)(f"{path}: {exc}") from None
+        except DetkdError as exc:
+            skipped.append(path)
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            continue
+        paths.append(path)
+        images.append(image)
+    if not images:
+        return 2
+    try:
         results = runner.detect(images, batch_size=args.batch_size)
     except DetkdError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    drawings = drawing_names(paths)
     report = {}
-    for path, image, det in zip(args.images, images, results):
+    for path, image, det in zip(paths, images, results):
         keep = det["scores"] >= args.score_threshold
         kept = {k: (v[keep] if not isinstance(v, list) else [n for n, m in zip(v, keep) if m]) for k, v in det.items()}
         report[path] = [{"box": [round(float(c), 2) for c in box], "score": round(float(score), 4), "label": int(label),
                          "class_name": name}
                         for box, score, label, name in zip(kept["boxes"], kept["scores"], kept["labels"], kept["class_names"])]
         if not args.no_draw:
-            draw(image, kept, out / f"{Path(path).stem}.png")
+            draw(image, kept, out / drawings[path])
         print(f"{path}: {len(report[path])} detections >= {args.score_threshold}")
     (out / "detections.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out / 'detections.json'} ({runner.backend})")
+    if skipped:
+        print(f"error: {len(skipped)} of {len(args.images)} images skipped (reasons above); the others were written",
+              file=sys.stderr)
+        return 1
     return 0
 
 

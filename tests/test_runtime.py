@@ -110,6 +110,46 @@ def test_unreadable_image_is_a_clear_error(tmp_path):
         read_image(tmp_path / "missing.png")
 
 
+def test_images_are_read_as_displayed(tmp_path):
+    """16-bit greyscale keeps its range, transparency is composited over white, EXIF orientation applies."""
+    grey16 = (np.arange(8 * 8).reshape(8, 8) * 1000).astype(np.uint16)  # up to 63,000 of 65,535
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    rgb = read_image(tmp_path / "g16.png")
+    assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == round(63000 * 255 / 65535) and len(np.unique(rgb)) > 32
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    out = read_image(tmp_path / "alpha.png")
+    assert out[0, 0].tolist() == [200, 0, 0] and out[3, 0].tolist() == [255, 255, 255]
+
+    upright = np.zeros((20, 40, 3), np.uint8)  # 20 high, 40 wide; EXIF 6 = shown rotated 90 degrees clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(upright).save(tmp_path / "rotated.jpg", exif=exif)
+    assert read_image(tmp_path / "rotated.jpg").shape == (40, 20, 3)
+
+
+def test_images_that_cannot_be_used_are_refused_in_one_line(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from types import SimpleNamespace
+
+    from detkd.runtime.preprocess import check_detectable
+
+    PILImage.fromarray(np.zeros((4, 4), np.float32), "F").save(tmp_path / "float.tiff")
+    with pytest.raises(InferenceInputError, match="float.tiff: floating-point pixels .* no known range"):
+        read_image(tmp_path / "float.tiff")
+    PILImage.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 4,096 pixels > 2x the limit: Pillow's bomb error
+    with pytest.raises(InferenceInputError, match="big.png: .*decompression bomb"):
+        read_image(tmp_path / "big.png")
+    with pytest.raises(InferenceInputError, match="image 2x2000 is too thin"):
+        check_detectable((2, 2000, 3), SimpleNamespace(min_size=64, max_size=64))
+
+
 def test_engine_for_another_gpu_or_tensorrt_is_refused_before_loading():
     built = {"tensorrt_version": "10.0.1", "device_name": "NVIDIA A100", "compute_capability": "8.0"}
     check_engine_compatibility(built, dict(built), "x.engine")  # same machine: fine
@@ -341,6 +381,29 @@ def test_infer_cli_writes_detections_and_drawings(onnx_model, tmp_path):
                            "--out", str(tmp_path / "out2")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "bad.png" in proc.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_infer_cli_skips_a_bad_image_keeps_same_named_drawings_and_checks_batch_size(onnx_model, tmp_path):
+    _, path = onnx_model
+    rng = np.random.default_rng(5)
+    files = []
+    for folder in ("a", "b"):  # two inputs named x.png
+        (tmp_path / folder).mkdir()
+        files.append(tmp_path / folder / "x.png")
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(files[-1])
+    thin = tmp_path / "thin.png"
+    Image.fromarray(np.zeros((2, 2000, 3), np.uint8)).save(thin)
+    infer = [sys.executable, str(REPO / "deploy" / "infer.py"), "--model", str(path)]
+    out = tmp_path / "out"
+    proc = subprocess.run([*infer, str(files[0]), str(thin), str(files[1]), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "thin.png" in proc.stderr and "too thin" in errors[0] and "1 of 3" in errors[1]
+    assert set(json.loads((out / "detections.json").read_text())) == {str(f) for f in files}
+    assert (out / "x.png").is_file() and (out / "x-2.png").is_file()
+    proc = subprocess.run([*infer, str(files[0]), "--batch-size", "0"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--batch-size must be >= 1" in proc.stderr
 
 
 def test_output_comparison_respects_an_engines_batch_limit(onnx_model):

@@ -8,7 +8,8 @@ Contract:
   top-left and padded with the normalisation mean (0 after normalisation, like torchvision's padding).
 - ``to_image_coordinates(boxes, resized, original)`` maps xyxy boxes back with torchvision's per-axis
   ratios and clips them to the original image.
-- ``read_image(path)`` -> RGB uint8 array, or ``InferenceInputError`` naming the file.
+- ``read_image(path)`` -> RGB uint8 array as displayed (EXIF orientation, 16-bit, alpha handled), or
+  ``InferenceInputError`` naming the file; ``check_detectable`` refuses images too thin to resize.
 """
 
 from __future__ import annotations
@@ -22,16 +23,52 @@ from detkd.errors import InferenceInputError
 from detkd.runtime.metadata import ModelInfo
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """RGB uint8 ``H x W x 3`` as the image is displayed: EXIF orientation applied (boxes then refer to the
+    pixels a viewer shows), 16-bit greyscale scaled to 8 bits (Pillow's own conversion saturates it to
+    white), transparency composited over white. ``InferenceInputError`` naming the file for a missing,
+    unreadable or oversized file, and for pixel formats whose range is not known (32-bit integer or float)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+        with Image.open(path) as opened:
+            return _to_rgb8(ImageOps.exif_transpose(opened), path)
     except FileNotFoundError:
         raise InferenceInputError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise InferenceInputError(f"{path}: {str(exc).splitlines()[0]} (set PIL.Image.MAX_IMAGE_PIXELS higher "
+                                  "only for files you trust)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InferenceInputError(f"{path}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _to_rgb8(img, path) -> np.ndarray:
+    from PIL import Image
+
+    if img.mode in SIXTEEN_BIT_MODES:
+        grey = np.rint(np.asarray(img, dtype=np.float32) * np.float32(255.0 / 65535.0)).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "floating-point"
+        raise InferenceInputError(f"{path}: {kind} pixels (Pillow mode {img.mode}) have no known range; "
+                                  "save it as 8- or 16-bit")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB"))
+    return np.asarray(img.convert("RGB"))
+
+
+def check_detectable(shape: tuple[int, ...], info: ModelInfo) -> None:
+    """``InferenceInputError`` when an ``H x W`` image would have a side of 0 pixels after the model's
+    resize (an extreme aspect ratio such as 2000 x 2), which no detector input can represent."""
+    h, w = shape[:2]
+    rh, rw = resized_shape(h, w, info.min_size, info.max_size)
+    if rh < 1 or rw < 1:
+        raise InferenceInputError(f"image {h}x{w} is too thin for this model: it would be {rh}x{rw} px after "
+                                  f"resizing to min_size {info.min_size} / max_size {info.max_size}")
 
 
 def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -61,6 +98,7 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
 def letterbox(image: np.ndarray, info: ModelInfo) -> tuple[np.ndarray, tuple[int, int]]:
     if image.ndim != 3 or image.shape[2] != 3:
         raise InferenceInputError(f"expected an H x W x 3 RGB image, got an array of shape {image.shape}")
+    check_detectable(image.shape, info)
     h, w = image.shape[:2]
     rh, rw = resized_shape(h, w, info.min_size, info.max_size)
     if rh > info.input_size or rw > info.input_size:
