@@ -27,3 +27,28 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("crash")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.txt"]
+
+
+def test_model_checkpoint_without_metadata_keys_is_refused_in_one_line(tmp_path):
+    import pytest
+    import torch
+
+    from detkd.engine.checkpoint import load_model_checkpoint
+    from detkd.errors import CheckpointError
+
+    spec = {"family": "fasterrcnn", "backbone": "resnet18", "num_classes": 3, "model": {}}
+    good = {"spec": spec, "category_ids": [1, 2, 3], "category_names": ["a", "b", "c"]}
+    cases = {
+        "no-names": ({k: v for k, v in good.items() if k != "category_names"}, "without meta.category_names"),
+        "no-backbone": ({**good, "spec": {k: v for k, v in spec.items() if k != "backbone"}}, "meta.spec.backbone"),
+        "no-spec": ({k: v for k, v in good.items() if k != "spec"}, "without meta.spec"),
+        "lengths": ({**good, "category_names": ["a"]}, "differ in length"),
+    }
+    for name, (meta, expected) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save({"model": {}, "meta": meta}, path)
+        with pytest.raises(CheckpointError, match=expected) as info:
+            load_model_checkpoint(path)
+        assert "\n" not in str(info.value) and str(path) in str(info.value)
+    torch.save({"model": {}, "meta": good}, tmp_path / "good.pt")
+    assert load_model_checkpoint(tmp_path / "good.pt")[1] == good

@@ -45,12 +45,27 @@ def save_model_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict) 
     atomic_torch_save(path, {"model": state, "meta": meta})
 
 
+SPEC_KEYS = ("family", "backbone", "num_classes", "model")
+
+
 def load_model_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """Return ``(state_dict, meta)`` of a model checkpoint written by ``save_model_checkpoint``."""
+    """Return ``(state_dict, meta)`` of a model checkpoint written by ``save_model_checkpoint``; a file
+    without the metadata every reader needs (``meta.spec`` with its keys, ``meta.category_ids`` and
+    ``meta.category_names`` of equal length) is a ``CheckpointError`` naming the missing key."""
     data = load_file(path)
-    if not isinstance(data, dict) or "model" not in data or "meta" not in data or "spec" not in data["meta"]:
-        raise CheckpointError(f"{path}: not a detkd model checkpoint (expected keys 'model' and 'meta' with a 'spec')")
-    return data["model"], data["meta"]
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or not isinstance(data.get("meta"), dict):
+        raise CheckpointError(f"{path}: not a detkd model checkpoint (expected keys 'model' and 'meta')")
+    meta = data["meta"]
+    spec = meta.get("spec")
+    missing = ["meta.spec"] if not isinstance(spec, dict) else [f"meta.spec.{k}" for k in SPEC_KEYS if k not in spec]
+    missing += [f"meta.{k}" for k in ("category_ids", "category_names") if not isinstance(meta.get(k), (list, tuple))]
+    if missing:
+        raise CheckpointError(f"{path}: detkd model checkpoint without {', '.join(missing)} "
+                              "(written by another version or tool; re-run the stage that made it)")
+    if len(meta["category_ids"]) != len(meta["category_names"]):
+        raise CheckpointError(f"{path}: meta.category_ids ({len(meta['category_ids'])}) and meta.category_names "
+                              f"({len(meta['category_names'])}) differ in length")
+    return data["model"], meta
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
