@@ -155,3 +155,18 @@ def test_dev_split_is_carved_from_train_by_seed(tmp_path):
     with pytest.raises(DataError, match=r"data.dev_fraction 0.01: leaves 0 of the 10 train images for dev"):
         prepare_dataset(tmp_path / "tiny", data.model_copy(update={"dev_fraction": 0.01}), 0)
     assert not (tmp_path / "tiny").exists()
+
+
+def test_prepared_directory_gets_the_usual_permissions(tmp_path):
+    """The data directory is built in a private temporary directory (0700) and published with the mode
+    any new directory gets (umask applied), so other users and services can read it."""
+    import os
+
+    from detkd.config import parse_params
+    from detkd.data.prepare import prepare_dataset
+    from detkd.io import current_umask
+
+    params = parse_params({"data": {"synthetic": {"num_train": 4, "num_val": 2, "image_size": 32,
+                                                  "max_object_size": 12.0, "max_objects": 2, "num_classes": 2}}})
+    prepare_dataset(tmp_path / "prepared", params.data, 0)
+    assert os.stat(tmp_path / "prepared").st_mode & 0o777 == 0o777 & ~current_umask()

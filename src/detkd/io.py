@@ -31,7 +31,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.close(fd)
         tmp_path = Path(tmp)
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp_path, path)
     except OSError as exc:
         raise OutputWriteError(describe_write_error(path, exc)) from None
@@ -53,7 +53,8 @@ def describe_write_error(path: Path, exc: OSError) -> str:
     return f"{path}: could not write ({exc.strerror or exc}){previous}"
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

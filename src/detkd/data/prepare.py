@@ -24,7 +24,7 @@ from detkd.data.coco import read_coco
 from detkd.data.dataset import MANIFEST
 from detkd.data.synthetic import generate_dataset
 from detkd.errors import DataError
-from detkd.io import atomic_write_json
+from detkd.io import atomic_write_json, current_umask
 
 
 def _layout(data: DataConfig) -> tuple[str, dict]:
@@ -75,6 +75,7 @@ def prepare_dataset(out_dir: str | Path, data: DataConfig, seed: int) -> dict:
             "generated": generated,
         }
         atomic_write_json(work / MANIFEST, manifest)
+        os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes 0700; the published directory gets the usual mode
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(work, out_dir)
