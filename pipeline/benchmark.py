@@ -10,7 +10,7 @@ from pathlib import Path
 
 from detkd.bench.report import write
 from detkd.bench.run import run_benchmark
-from detkd.cli import run_main
+from detkd.cli import parse_named_models, run_main
 from detkd.config import load_params
 from detkd.io import atomic_write_json
 from detkd.tracking.mlflow_run import stage_run
@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
-    checkpoints = dict(item.split("=", 1) for item in args.model)
+    checkpoints = parse_named_models(args.model)
     with stage_run("benchmark", {"benchmark": params.benchmark.model_dump(), "models": checkpoints}) as run:
         report = run_benchmark(params, checkpoints, json.loads(Path(args.export).read_text()),
                                json.loads(Path(args.eval).read_text()), args.data)

@@ -6,26 +6,12 @@ Reads params: eval. Writes: reports/eval.json (DVC metrics), reports/eval.md, PR
 import argparse
 from pathlib import Path
 
-from detkd.cli import run_main
+from detkd.cli import parse_named_models, run_main
 from detkd.config import load_params
 from detkd.data.dataset import open_split
 from detkd.engine.distributed import DistInfo, pick_device
-from detkd.errors import ConfigError
 from detkd.evaluation.report import evaluate_checkpoint, write_reports
 from detkd.tracking.mlflow_run import stage_run
-
-
-def parse_models(items: list[str]) -> dict[str, str]:
-    """``NAME=CHECKPOINT`` pairs -> {name: path}; a malformed or repeated name is a one-line error."""
-    models = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--model {item!r}: expected NAME=CHECKPOINT, e.g. --model student=models/student.pt")
-        if name in models:
-            raise ConfigError(f"--model: the name {name!r} is given twice")
-        models[name] = path
-    return models
 
 
 def main() -> None:
@@ -37,7 +23,7 @@ def main() -> None:
     parser.add_argument("--pr-dir", default="reports/pr")
     args = parser.parse_args()
 
-    models = parse_models(args.model)
+    models = parse_named_models(args.model)
     params = load_params(args.params)
     with stage_run("evaluate", {"eval": params.eval.model_dump(), "models": models}) as run:
         index = open_split(args.data, "val", params.data.min_box_size)

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from detkd.cli import run_main
+from detkd.cli import parse_named_models, run_main
 from detkd.config import load_params
 from detkd.errors import ExportError
 from detkd.export.stage import deployable_artefacts, export_models, failures, registrable, rejected
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
-    checkpoints = dict(item.split("=", 1) for item in args.model)
+    checkpoints = parse_named_models(args.model)
     evaluated = json.loads(Path(args.eval).read_text())
     missing = [n for n in checkpoints if n not in evaluated]
     if missing:

@@ -134,3 +134,21 @@ def test_distill_bad_hyper_parameter_fails_before_training(tmp_path):
                   "--out", "d.pt", "--history", "d.csv", cwd=tmp_path)
     _assert_one_line_error(proc, "distill.fasterrcnn.gid", "unknown hyper-parameter 'topk'", "pre_nms_topk")
     assert not (tmp_path / "d.pt").exists()
+
+
+def test_export_refuses_a_checkpoint_trained_on_other_classes_before_writing_anything(tmp_path):
+    from detkd.config import parse_params
+    from detkd.engine.checkpoint import save_model_checkpoint
+    from detkd.models.builder import build_detector, make_spec
+
+    params = _params(tmp_path, SMOKE_OVERRIDES)
+    assert _stage("prepare.py", "--params", str(params), cwd=tmp_path).returncode == 0
+    p = parse_params(yaml.safe_load(params.read_text()))
+    spec = make_spec(p.model.family, p.student.backbone, 4, p.detector_config("student"))
+    save_model_checkpoint(tmp_path / "other.pt", build_detector(spec), {"spec": spec.to_dict(), "category_ids": [2, 4, 6, 8],
+                                                                       "category_names": ["w", "x", "y", "z"]})
+    (tmp_path / "eval.json").write_text(json.dumps({"other": {"AP": 0.1}}))
+    proc = _stage("export.py", "--params", str(params), "--model", "other=other.pt", "--eval", "eval.json",
+                  "--out-dir", "exported", "--report", "export.json", cwd=tmp_path)
+    _assert_one_line_error(proc, "other.pt", "trained on category ids [2, 4, 6, 8]", "the val split has")
+    assert not (tmp_path / "exported").exists() and not (tmp_path / "export.json").exists()

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from detkd.errors import DetkdError
+from detkd.errors import ConfigError, DetkdError
 
 
 def run_main(main: Callable[[], None]) -> None:
@@ -38,3 +38,16 @@ def fingerprint(*parts) -> str:
     """Stable short hash of JSON-serialisable ``parts`` (decides whether a saved training state fits)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def parse_named_models(items: list[str]) -> dict[str, str]:
+    """``NAME=CHECKPOINT`` pairs -> {name: path}; a malformed or repeated name is a one-line error."""
+    models = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--model {item!r}: expected NAME=CHECKPOINT, e.g. --model student=models/student.pt")
+        if name in models:
+            raise ConfigError(f"--model: the name {name!r} is given twice")
+        models[name] = path
+    return models

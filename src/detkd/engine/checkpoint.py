@@ -68,5 +68,13 @@ def load_model_checkpoint(path: str | Path) -> tuple[dict, dict]:
     return data["model"], meta
 
 
+def check_same_classes(path: str | Path, meta: dict, category_ids, where: str) -> None:
+    """``CheckpointError`` when the checkpoint's classes (``meta.category_ids``) are not ``category_ids``,
+    the classes of ``where`` (e.g. "the val split"): its labels would name the wrong objects."""
+    if [int(c) for c in meta["category_ids"]] != [int(c) for c in category_ids]:
+        raise CheckpointError(f"{path}: trained on category ids {list(meta['category_ids'])} but {where} has "
+                              f"{list(category_ids)}")
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model

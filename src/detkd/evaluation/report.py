@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from detkd.data.coco import CocoIndex
-from detkd.errors import CheckpointError
+from detkd.engine.checkpoint import check_same_classes
 from detkd.evaluation.coco_eval import evaluate_detections, predict
 from detkd.io import atomic_write_json, atomic_write_text
 from detkd.plots import plot_pr_curves
@@ -22,10 +22,7 @@ from detkd.training import load_detector
 
 def evaluate_checkpoint(path: str | Path, index: CocoIndex, batch_size: int, device: torch.device) -> dict:
     model, meta = load_detector(path, device)
-    if list(meta["category_ids"]) != list(index.category_ids):
-        raise CheckpointError(
-            f"{path}: trained on category ids {meta['category_ids']} but the val split has {index.category_ids}"
-        )
+    check_same_classes(path, meta, index.category_ids, "the val split")
     detections = predict(model, index, batch_size, device, description=f"evaluate {Path(path).stem}")
     result = evaluate_detections(index.annotation_file, detections, index.category_ids, index.category_names)
     result["meta"] = meta

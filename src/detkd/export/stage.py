@@ -27,6 +27,7 @@ import torch
 
 from detkd.config import Params
 from detkd.data.dataset import open_split
+from detkd.engine.checkpoint import check_same_classes, load_model_checkpoint
 from detkd.errors import BackendUnavailableError, DetkdError
 from detkd.export.gate import Tolerance, ap_gate, compare_outputs, evaluate_runner
 from detkd.export.onnx_export import export_onnx, model_info
@@ -112,6 +113,8 @@ def export_models(params: Params, checkpoints: dict[str, str], data_dir: str | P
                   out_dir: str | Path, run_id: str = "", log: Callable[[str], None] = print) -> dict:
     out_dir = Path(out_dir)
     index = open_split(data_dir, "val", params.data.min_box_size)
+    for checkpoint in checkpoints.values():  # every model before any file is written
+        check_same_classes(checkpoint, load_model_checkpoint(checkpoint)[1], index.category_ids, "the val split")
     sample = [read_image(r.path) for r in index.images[: params.export.gate.sample_images]]
     trt_status = tensorrt_status()
     if not trt_status["available"]:
