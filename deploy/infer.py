@@ -69,7 +69,15 @@ def main(argv=None) -> int:
     parser.add_argument("--ov-precision", default="f32", choices=["f32", "bf16"],
                         help="OpenVINO inference precision (default f32; bf16 drifts on CPUs that have it)")
     parser.add_argument("--no-draw", action="store_true", help="write detections.json only")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="refuse images with more pixels (default: Pillow's decompression-bomb limit, about 89 M)")
     args = parser.parse_args(argv)
+    if args.max_pixels is not None:
+        if args.max_pixels < 1:
+            parser.error(f"--max-pixels must be >= 1, got {args.max_pixels}")
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = args.max_pixels
 
     from detkd.errors import DetkdError
     from detkd.runtime import load_runner

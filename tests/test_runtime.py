@@ -132,6 +132,28 @@ def test_images_are_read_as_displayed(tmp_path):
     assert read_image(tmp_path / "rotated.jpg").shape == (40, 20, 3)
 
 
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "LA", "1", "RGB"])
+def test_every_common_pixel_format_reads_as_the_rgb_pillow_shows(tmp_path, mode):
+    """Greyscale, palette, CMYK, grey + alpha and bilevel images become the RGB a viewer shows (alpha
+    over white); one test per mode."""
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(0)
+    base = PILImage.fromarray(rng.integers(0, 255, (6, 5, 3), dtype=np.uint8))
+    image = base.convert(mode)
+    suffix = "tiff" if mode == "CMYK" else "png"
+    image.save(tmp_path / f"img.{suffix}")
+    got = read_image(tmp_path / f"img.{suffix}")
+    assert got.shape == (6, 5, 3) and got.dtype == np.uint8
+    reference = PILImage.open(tmp_path / f"img.{suffix}")
+    if mode == "LA":
+        flat = PILImage.alpha_composite(PILImage.new("RGBA", reference.size, "white"), reference.convert("RGBA"))
+        expected = np.asarray(flat.convert("RGB"))
+    else:
+        expected = np.asarray(reference.convert("RGB"))
+    assert np.array_equal(got, expected)
+
+
 def test_images_that_cannot_be_used_are_refused_in_one_line(tmp_path, monkeypatch):
     from PIL import Image as PILImage
 
@@ -145,6 +167,9 @@ def test_images_that_cannot_be_used_are_refused_in_one_line(tmp_path, monkeypatc
     PILImage.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "big.png")
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 4,096 pixels > 2x the limit: Pillow's bomb error
     with pytest.raises(InferenceInputError, match="big.png: .*decompression bomb"):
+        read_image(tmp_path / "big.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 3000)  # above the limit, below twice it: Pillow only warns
+    with pytest.raises(InferenceInputError, match=r"big.png: 64x64 = 4096 pixels is above the limit of 3000"):
         read_image(tmp_path / "big.png")
     with pytest.raises(InferenceInputError, match="image 2x2000 is too thin"):
         check_detectable((2, 2000, 3), SimpleNamespace(min_size=64, max_size=64))

@@ -35,6 +35,10 @@ def read_image(path: str | Path) -> np.ndarray:
 
     try:
         with Image.open(path) as opened:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and opened.width * opened.height > limit:  # Pillow itself only warns up to twice its limit
+                raise InferenceInputError(f"{path}: {opened.width}x{opened.height} = {opened.width * opened.height} "
+                                          f"pixels is above the limit of {limit} (deploy/infer.py --max-pixels)")
             return _to_rgb8(ImageOps.exif_transpose(opened), path)
     except FileNotFoundError:
         raise InferenceInputError(f"{path}: image not found") from None
