@@ -74,6 +74,37 @@ def test_coco_directory_with_a_bad_annotation(tmp_path):
     _assert_one_line_error(proc, "instances_val2017.json", "'categories' is empty")
 
 
+@pytest.mark.parametrize("image_bytes, fragment", [(b"\x89PNG\r\n\x1a\n cut short", "not a readable image"),
+                                                  (None, "image is 8x6 but")])
+def test_prepare_finds_a_corrupt_or_mis_sized_image_before_training(tmp_path, image_bytes, fragment):
+    import numpy as np
+    from PIL import Image
+
+    from conftest import write_coco
+
+    root = tmp_path / "coco"
+    for split in ("train2017", "val2017"):
+        (root / split).mkdir(parents=True)
+        for name in ("a.png", "b.png"):
+            Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(root / split / name)
+    bad = root / "train2017" / "b.png"
+    if image_bytes is None:
+        Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(bad)  # the json says 12x10
+    else:
+        bad.write_bytes(image_bytes)
+    images = [{"id": 1, "file_name": "a.png", "width": 12, "height": 10},
+              {"id": 2, "file_name": "b.png", "width": 12, "height": 10}]
+    annotations = [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0}
+                   for i in (1, 2)]
+    for split in ("train2017", "val2017"):
+        write_coco(root / f"annotations/instances_{split}.json", images, annotations, [{"id": 1, "name": "a"}])
+    params = _params(tmp_path, {"data": {"source": "coco", "root": str(root), "dev_fraction": 0.0},
+                                "pretrain": {"enabled": False}})
+    proc = _stage("prepare.py", "--params", str(params), cwd=tmp_path)
+    _assert_one_line_error(proc, "b.png", fragment, "instances_train2017.json")
+    assert not (tmp_path / "data/prepared").exists() and not list((tmp_path / "data").iterdir())
+
+
 def test_training_without_prepared_data(tmp_path):
     params = _params(tmp_path, SMOKE_OVERRIDES)
     proc = _stage("train.py", "--role", "teacher", "--params", str(params), "--out", "m.pt", "--history", "h.csv",

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from detkd.config import DataConfig
-from detkd.data.coco import read_coco
+from detkd.data.coco import CocoIndex, read_coco
 from detkd.data.dataset import MANIFEST
 from detkd.data.synthetic import generate_dataset
 from detkd.errors import DataError
@@ -43,6 +43,27 @@ def _layout(data: DataConfig) -> tuple[str, dict]:
     }
 
 
+def check_image_headers(index: CocoIndex) -> None:
+    """Every image of ``index`` opens (its header is read, not its pixels) and has the size its
+    annotation file says; else a one-line ``DataError`` naming the image, so a corrupt or mismatched file
+    stops ``prepare`` rather than a training run hours later."""
+    from PIL import Image, UnidentifiedImageError
+    from tqdm import tqdm
+
+    where = index.annotation_file
+    for rec in tqdm(index.images, desc=f"prepare: checking the images of {Path(where).name}", unit="img",
+                    disable=len(index.images) < 5000, mininterval=1.0):
+        try:
+            with Image.open(rec.path) as image:
+                size = image.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DataError(f"{rec.path}: not a readable image ({first}; image id {rec.image_id} in {where})") from None
+        if size != (rec.width, rec.height):
+            raise DataError(f"{rec.path}: image is {size[0]}x{size[1]} but {where} says {rec.width}x{rec.height} "
+                            f"(image id {rec.image_id})")
+
+
 def prepare_dataset(out_dir: str | Path, data: DataConfig, seed: int) -> dict:
     """Write ``out_dir`` (manifest, plus the images for the synthetic source); return the manifest."""
     out_dir = Path(out_dir)
@@ -55,6 +76,7 @@ def prepare_dataset(out_dir: str | Path, data: DataConfig, seed: int) -> dict:
         stats, classes = {}, None
         for split, entry in splits.items():
             index = read_coco(base / entry["annotations"], base / entry["images"], min_box_size=data.min_box_size)
+            check_image_headers(index)
             stats[split] = index.stats
             names = index.category_names
             if classes is not None and names != classes:
