@@ -170,3 +170,23 @@ def test_prepared_directory_gets_the_usual_permissions(tmp_path):
                                                   "max_object_size": 12.0, "max_objects": 2, "num_classes": 2}}})
     prepare_dataset(tmp_path / "prepared", params.data, 0)
     assert os.stat(tmp_path / "prepared").st_mode & 0o777 == 0o777 & ~current_umask()
+
+
+def test_training_images_of_16_bits_and_with_alpha_read_as_displayed(tmp_path):
+    """The training reader shares deploy's pixel rule (detkd.pixels): 16-bit greyscale keeps its range
+    instead of saturating to white; transparency is composited over white; 8-bit RGB is unchanged."""
+    import numpy as np
+    from PIL import Image
+
+    from detkd.data.dataset import read_image
+
+    grey16 = (np.arange(6 * 5).reshape(6, 5) * 2000).astype(np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    out = np.asarray(read_image(tmp_path / "g16.png"))
+    assert out.shape == (6, 5, 3) and out[0, 0, 0] == 0 and out[-1, -1, 0] == round(29 * 2000 * 255 / 65535)
+    rgb = np.random.default_rng(0).integers(0, 255, (6, 5, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    assert np.array_equal(np.asarray(read_image(tmp_path / "rgb.png")), rgb)
+    rgba = np.dstack([rgb, np.zeros((6, 5), np.uint8)])  # fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    assert (np.asarray(read_image(tmp_path / "clear.png")) == 255).all()

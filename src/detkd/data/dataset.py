@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from detkd.data.coco import CocoIndex, read_coco
 from detkd.data.transforms import hflip, pil_to_tensor
 from detkd.errors import DataError
+from detkd.pixels import PixelFormatError, to_rgb8
 
 MANIFEST = "dataset.json"
 
@@ -52,10 +53,13 @@ def open_split(prepared_dir: str | Path, split: str, min_box_size: float = 1.0, 
 
 
 def read_image(path: Path) -> Image.Image:
-    """Open an image as RGB or raise ``DataError`` naming the file."""
+    """Open an image as RGB (``detkd.pixels.to_rgb8``: 16-bit scaled, transparency over white; no EXIF
+    rotation, COCO boxes refer to the stored pixels) or raise ``DataError`` naming the file."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return Image.fromarray(to_rgb8(image))
+    except PixelFormatError as exc:
+        raise DataError(f"{path}: {exc}") from None
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -20,10 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from detkd.errors import InferenceInputError
+from detkd.pixels import PixelFormatError, to_rgb8
 from detkd.runtime.metadata import ModelInfo
-
-
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -50,19 +48,10 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def _to_rgb8(img, path) -> np.ndarray:
-    from PIL import Image
-
-    if img.mode in SIXTEEN_BIT_MODES:
-        grey = np.rint(np.asarray(img, dtype=np.float32) * np.float32(255.0 / 65535.0)).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if img.mode in ("I", "F"):
-        kind = "32-bit integer" if img.mode == "I" else "floating-point"
-        raise InferenceInputError(f"{path}: {kind} pixels (Pillow mode {img.mode}) have no known range; "
-                                  "save it as 8- or 16-bit")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB"))
-    return np.asarray(img.convert("RGB"))
+    try:
+        return to_rgb8(img)
+    except PixelFormatError as exc:
+        raise InferenceInputError(f"{path}: {exc}") from None
 
 
 def check_detectable(shape: tuple[int, ...], info: ModelInfo) -> None:
