@@ -96,11 +96,8 @@ def main(argv=None) -> int:
     paths, images, skipped = [], [], []
     for path in args.images:  # one bad image is reported and skipped; the others still run
         try:
-            image = read_image(path)  # its errors name the file
-            try:
-                check_detectable(image.shape, runner.info)
-            except DetkdError as exc:
-                raise type(exc)(f"{path}: {exc}") from None
+            image = read_image(path)
+            check_detectable(image.shape, runner.info, name=path)
         except DetkdError as exc:
             skipped.append(path)
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -54,13 +54,13 @@ def _to_rgb8(img, path) -> np.ndarray:
         raise InferenceInputError(f"{path}: {exc}") from None
 
 
-def check_detectable(shape: tuple[int, ...], info: ModelInfo) -> None:
-    """``InferenceInputError`` when an ``H x W`` image would have a side of 0 pixels after the model's
-    resize (an extreme aspect ratio such as 2000 x 2), which no detector input can represent."""
+def check_detectable(shape: tuple[int, ...], info: ModelInfo, name: str = "image") -> None:
+    """``InferenceInputError`` when an ``H x W`` image (``name`` in the message) would have a side of 0
+    pixels after the model's resize (an extreme aspect ratio such as 2000 x 2)."""
     h, w = shape[:2]
     rh, rw = resized_shape(h, w, info.min_size, info.max_size)
     if rh < 1 or rw < 1:
-        raise InferenceInputError(f"image {h}x{w} is too thin for this model: it would be {rh}x{rw} px after "
+        raise InferenceInputError(f"{name}: image {h}x{w} is too thin for this model: it would be {rh}x{rw} px after "
                                   f"resizing to min_size {info.min_size} / max_size {info.max_size}")
 
 
