@@ -3,19 +3,22 @@ possible, each gated on accuracy on every CPU runtime against the PyTorch models
 
 Reads params: export, eval.batch_size, benchmark.threads, data.min_box_size. Writes: models/export/<name>.onnx,
 <name>_fp16.onnx, <name>_int8.onnx (+ engines; rejected artefacts under models/export/rejected/),
-reports/export.json (the detailed report), MLflow: the ONNX models (ONNX flavour), the other gated artefacts
+reports/export.json (the detailed report; written after the files, which are made in a staging directory
+and then replace models/export as one set, so a killed export leaves the old set or the new one, never a
+mix, and never an old report beside new files), MLflow: the ONNX models (ONNX flavour), the other gated artefacts
 and the registered student.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 from detkd.cli import parse_named_models, run_main
 from detkd.config import load_params
 from detkd.errors import ExportError
-from detkd.export.stage import deployable_artefacts, export_models, failures, registrable, rejected
-from detkd.io import atomic_write_json
+from detkd.evaluation.report import read_model_aps
+from detkd.export.stage import (deployable_artefacts, export_models, failures, registrable, rejected,
+                                relocate_paths)
+from detkd.io import atomic_write_json, staged_directory
 from detkd.tracking.mlflow_run import stage_run
 
 
@@ -33,13 +36,13 @@ def main() -> None:
 
     params = load_params(args.params)
     checkpoints = parse_named_models(args.model)
-    evaluated = json.loads(Path(args.eval).read_text())
-    missing = [n for n in checkpoints if n not in evaluated]
-    if missing:
-        raise ExportError(f"{args.eval}: no PyTorch AP for {missing} (has {sorted(evaluated)}); run `dvc repro evaluate`")
+    reference_ap = read_model_aps(args.eval, list(checkpoints))
     with stage_run("export", {"export": params.export.model_dump(), "models": checkpoints}) as run:
-        report = export_models(params, checkpoints, args.data, {n: evaluated[n]["AP"] for n in checkpoints},
-                               args.out_dir, run.run_id or "")
+        out_dir = Path(args.out_dir)
+        with staged_directory(out_dir) as staging:  # the files and the report are published as one set
+            report = relocate_paths(export_models(params, checkpoints, args.data, reference_ap, staging,
+                                                  run.run_id or ""), staging, out_dir)
+            Path(args.report).unlink(missing_ok=True)  # an old report never describes the new files
         atomic_write_json(args.report, report)
         run.log_metrics({name: {f"{p}_{backend.split('-')[0]}_AP": g["metrics"]["AP"]
                                 for p, a in e["artefacts"].items() for backend, g in a.get("gates", {}).items()}

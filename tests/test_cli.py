@@ -35,6 +35,7 @@ def _assert_one_line_error(proc, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize(
     "overrides, fragments",
     [
@@ -51,6 +52,7 @@ def test_params_mistakes(tmp_path, overrides, fragments):
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.fault
 def test_failed_prepare_keeps_previous_output(tmp_path):
     good = _params(tmp_path, SMOKE_OVERRIDES)
     assert _stage("prepare.py", "--params", str(good), cwd=tmp_path).returncode == 0
@@ -74,6 +76,7 @@ def test_coco_directory_with_a_bad_annotation(tmp_path):
     _assert_one_line_error(proc, "instances_val2017.json", "'categories' is empty")
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("image_bytes, fragment", [(b"\x89PNG\r\n\x1a\n cut short", "not a readable image"),
                                                   (None, "image is 8x6 but")])
 def test_prepare_finds_a_corrupt_or_mis_sized_image_before_training(tmp_path, image_bytes, fragment):
@@ -105,6 +108,7 @@ def test_prepare_finds_a_corrupt_or_mis_sized_image_before_training(tmp_path, im
     assert not (tmp_path / "data/prepared").exists() and not list((tmp_path / "data").iterdir())
 
 
+@pytest.mark.fault
 def test_training_without_prepared_data(tmp_path):
     params = _params(tmp_path, SMOKE_OVERRIDES)
     proc = _stage("train.py", "--role", "teacher", "--params", str(params), "--out", "m.pt", "--history", "h.csv",
@@ -112,6 +116,7 @@ def test_training_without_prepared_data(tmp_path):
     _assert_one_line_error(proc, "dataset.json", "run the 'prepare' stage first")
 
 
+@pytest.mark.fault
 def test_evaluate_with_corrupt_checkpoint(tmp_path):
     params = _params(tmp_path, SMOKE_OVERRIDES)
     assert _stage("prepare.py", "--params", str(params), cwd=tmp_path).returncode == 0
@@ -121,6 +126,7 @@ def test_evaluate_with_corrupt_checkpoint(tmp_path):
     assert not (tmp_path / "reports/eval.json").exists()
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("models, fragment", [(["models/student.pt"], "expected NAME=CHECKPOINT"),
                                              (["a=x.pt", "a=y.pt"], "given twice")])
 def test_evaluate_refuses_a_malformed_model_argument(tmp_path, models, fragment):
@@ -129,6 +135,7 @@ def test_evaluate_refuses_a_malformed_model_argument(tmp_path, models, fragment)
     _assert_one_line_error(proc, "--model", fragment)
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize(
     "teacher_bytes, fragments",
     [(None, ["missing-teacher.pt", "checkpoint not found"]), (b"PK\x03\x04truncated", ["missing-teacher.pt", "not a readable checkpoint"])],
@@ -167,6 +174,7 @@ def test_distill_bad_hyper_parameter_fails_before_training(tmp_path):
     assert not (tmp_path / "d.pt").exists()
 
 
+@pytest.mark.fault
 def test_export_refuses_a_checkpoint_trained_on_other_classes_before_writing_anything(tmp_path):
     from detkd.config import parse_params
     from detkd.engine.checkpoint import save_model_checkpoint
@@ -183,3 +191,23 @@ def test_export_refuses_a_checkpoint_trained_on_other_classes_before_writing_any
                   "--out-dir", "exported", "--report", "export.json", cwd=tmp_path)
     _assert_one_line_error(proc, "other.pt", "trained on category ids [2, 4, 6, 8]", "the val split has")
     assert not (tmp_path / "exported").exists() and not (tmp_path / "export.json").exists()
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("content, expected", [
+    (None, "no such file; run the evaluate stage first"),
+    ("{not json", "not a readable JSON report"),
+    ('{"teacher": {"AP": 0.5}}', "no PyTorch AP for ['student'] (has ['teacher'])"),
+    ('{"student": {"AP50": 0.5}}', "student.AP must be a number"),
+    ('{"student": {"AP": "high"}}', "student.AP must be a number"),
+])
+def test_the_reference_ap_report_is_checked_in_one_line(tmp_path, content, expected):
+    from detkd.errors import ConfigError
+    from detkd.evaluation.report import read_model_aps
+
+    path = tmp_path / "eval.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        read_model_aps(path, ["student"])
+    assert expected in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)

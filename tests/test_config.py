@@ -41,6 +41,7 @@ def test_coco_source_needs_root():
         parse_params({"data": {"source": "coco"}})
 
 
+@pytest.mark.fault
 def test_bad_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("seed: [1, 2\n")
@@ -50,6 +51,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_params(tmp_path / "nope.yaml")
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("content, expected", [
     (b"", "the file is empty"),
     (b"seed: 1\nmodel: {}\nseed: 2\n", "line 3, column 1: not valid YAML: key 'seed' appears twice \\(lines 1 and 3\\)"),
@@ -66,6 +68,7 @@ def test_params_file_mistakes_get_one_line_naming_the_place(tmp_path, content, e
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
+@pytest.mark.fault
 def test_error_is_one_line():
     with pytest.raises(ConfigError) as info:
         parse_params({"model": {"family": "yolo"}})

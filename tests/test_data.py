@@ -99,6 +99,7 @@ def test_reader_missing_and_malformed_file(tmp_path):
         read_coco(bad, tmp_path)
 
 
+@pytest.mark.fault
 def test_unreadable_image_is_named(coco_like):
     ann, image_dir = coco_like
     (image_dir / "a.png").write_bytes(b"this is not a png")
@@ -157,6 +158,7 @@ def test_dev_split_is_carved_from_train_by_seed(tmp_path):
     assert not (tmp_path / "tiny").exists()
 
 
+@pytest.mark.fault
 def test_prepared_directory_gets_the_usual_permissions(tmp_path):
     """The data directory is built in a private temporary directory (0700) and published with the mode
     any new directory gets (umask applied), so other users and services can read it."""
@@ -172,6 +174,7 @@ def test_prepared_directory_gets_the_usual_permissions(tmp_path):
     assert os.stat(tmp_path / "prepared").st_mode & 0o777 == 0o777 & ~current_umask()
 
 
+@pytest.mark.fault
 def test_training_images_of_16_bits_and_with_alpha_read_as_displayed(tmp_path):
     """The training reader shares deploy's pixel rule (detkd.pixels): 16-bit greyscale keeps its range
     instead of saturating to white; transparency is composited over white; 8-bit RGB is unchanged."""

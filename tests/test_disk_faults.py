@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import stage_command, stage_env
 
+pytestmark = pytest.mark.fault
+
 
 @pytest.fixture
 def small_fs(tmp_path):

@@ -361,6 +361,7 @@ def test_every_method_declares_its_loss_weights():
             assert all(isinstance(values[k], float) for k in cls.weight_keys), (name, family)
 
 
+@pytest.mark.fault
 def test_negative_loss_weight_is_refused():
     with pytest.raises(ConfigError, match=r"distill.fasterrcnn.mar.w_mask: a loss weight must be >= 0 .* got -1.0"):
         build_method("mar", "fasterrcnn", 32, 32, {"w_mask": -1.0})

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from detkd.io import atomic_path, atomic_write_json
+from detkd.io import atomic_path, atomic_write_json, staged_directory
 
 
 def test_atomic_write_gives_umask_permissions_and_leaves_no_temp(tmp_path):
@@ -19,6 +19,7 @@ def test_atomic_write_gives_umask_permissions_and_leaves_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
 
+@pytest.mark.fault
 def test_failed_write_keeps_the_previous_file(tmp_path):
     target = tmp_path / "r.txt"
     target.write_text("old")
@@ -29,6 +30,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.txt"]
 
 
+@pytest.mark.fault
 def test_model_checkpoint_without_metadata_keys_is_refused_in_one_line(tmp_path):
     import pytest
     import torch
@@ -52,3 +54,45 @@ def test_model_checkpoint_without_metadata_keys_is_refused_in_one_line(tmp_path)
         assert "\n" not in str(info.value) and str(path) in str(info.value)
     torch.save({"model": {}, "meta": good}, tmp_path / "good.pt")
     assert load_model_checkpoint(tmp_path / "good.pt")[1] == good
+
+
+@pytest.mark.fault
+def test_staged_directory_replaces_the_old_set_whole_or_not_at_all(tmp_path):
+    final = tmp_path / "export"
+    final.mkdir()
+    (final / "old.onnx").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_directory(final) as staging:
+            (staging / "new.onnx").write_text("new")
+            raise RuntimeError("killed halfway")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and (final / "old.onnx").read_text() == "old"
+
+    with staged_directory(final) as staging:
+        assert staging.parent == tmp_path and not any(staging.iterdir())
+        (staging / "new.onnx").write_text("new")
+        (staging / "rejected").mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert sorted(p.name for p in final.iterdir()) == ["new.onnx", "rejected"]
+    assert stat.S_IMODE(final.stat().st_mode) == 0o777 & ~_umask()
+
+
+@pytest.mark.fault
+def test_staged_directory_removes_leftovers_of_dead_processes_only(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    for name in (f".export.partial-{dead_pid}", f".export.old-{dead_pid}", f".export.partial-{os.getppid()}",
+                 ".export-notes"):
+        (tmp_path / name).mkdir()
+    with staged_directory(tmp_path / "export"):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", f".export.partial-{os.getppid()}",
+                                                                 ".export-notes"])
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -6,8 +6,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import stage_command, stage_env, state_iteration
+
+pytestmark = pytest.mark.fault
 
 
 def test_sigkill_after_a_mid_epoch_state_then_resume_is_bit_identical(tiny_stage):

@@ -66,6 +66,7 @@ def test_detect_returns_image_coordinates_and_class_names(onnx_model):
     assert set(det["class_names"]) <= {"a", "b", "c"}
 
 
+@pytest.mark.fault
 def test_corrupt_truncated_and_foreign_onnx_files_are_clear_errors(onnx_model, tmp_path):
     _, path = onnx_model
     truncated = tmp_path / "truncated.onnx"
@@ -101,6 +102,7 @@ def test_wrong_input_shape_or_dtype_names_the_contract(onnx_model, batch):
         runner.infer(batch)
 
 
+@pytest.mark.fault
 def test_unreadable_image_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
@@ -110,6 +112,7 @@ def test_unreadable_image_is_a_clear_error(tmp_path):
         read_image(tmp_path / "missing.png")
 
 
+@pytest.mark.fault
 def test_images_are_read_as_displayed(tmp_path):
     """16-bit greyscale keeps its range, transparency is composited over white, EXIF orientation applies."""
     grey16 = (np.arange(8 * 8).reshape(8, 8) * 1000).astype(np.uint16)  # up to 63,000 of 65,535
@@ -132,6 +135,7 @@ def test_images_are_read_as_displayed(tmp_path):
     assert read_image(tmp_path / "rotated.jpg").shape == (40, 20, 3)
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("mode", ["L", "P", "CMYK", "LA", "1", "RGB"])
 def test_every_common_pixel_format_reads_as_the_rgb_pillow_shows(tmp_path, mode):
     """Greyscale, palette, CMYK, grey + alpha and bilevel images become the RGB a viewer shows (alpha
@@ -154,6 +158,7 @@ def test_every_common_pixel_format_reads_as_the_rgb_pillow_shows(tmp_path, mode)
     assert np.array_equal(got, expected)
 
 
+@pytest.mark.fault
 def test_images_that_cannot_be_used_are_refused_in_one_line(tmp_path, monkeypatch):
     from PIL import Image as PILImage
 
@@ -408,6 +413,7 @@ def test_infer_cli_writes_detections_and_drawings(onnx_model, tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+@pytest.mark.fault
 def test_infer_cli_skips_a_bad_image_keeps_same_named_drawings_and_checks_batch_size(onnx_model, tmp_path):
     _, path = onnx_model
     rng = np.random.default_rng(5)

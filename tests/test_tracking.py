@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import stage_command, stage_env, state_iteration
 
+pytestmark = pytest.mark.fault
+
 STAGE = textwrap.dedent("""
     import sys
     from detkd.tracking.mlflow_run import stage_run

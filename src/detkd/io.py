@@ -1,7 +1,9 @@
 """Atomic file output: write to a temporary file in the same directory, then ``os.replace``.
 
 A crash (or Ctrl-C) therefore never leaves a half-written file that DVC could cache or a later stage
-could read; the previous version, if any, stays intact until the new one is complete.
+could read; the previous version, if any, stays intact until the new one is complete. A set of files that
+belongs together (the export stage's artefacts) is written to a staging directory that then takes the old
+directory's place (``staged_directory``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -93,3 +96,43 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(buffer.getbuffer())
+
+
+@contextlib.contextmanager
+def staged_directory(final: str | Path) -> Iterator[Path]:
+    """Yield an empty directory beside ``final`` (``.<name>.partial-<pid>``) for a set of files that belong
+    together. On success it takes ``final``'s place: the old directory is renamed aside, the new one renamed
+    in, then the old one deleted. On error it is deleted and ``final`` is untouched.
+
+    A kill therefore leaves ``final`` holding the old set or the new one, never a mix (between the two
+    renames, for an instant, no set). Leftovers of killed runs whose process is gone are removed on the next
+    call."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in final.parent.glob(f".{final.name}.*-*"):
+        kind, _, pid = leftover.name.rpartition("-")
+        if kind in (f".{final.name}.partial", f".{final.name}.old") and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+    staging = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~current_umask())
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from detkd.data.coco import CocoIndex
 from detkd.engine.checkpoint import check_same_classes
+from detkd.errors import ConfigError
 from detkd.evaluation.coco_eval import evaluate_detections, predict
 from detkd.io import atomic_write_json, atomic_write_text
 from detkd.plots import plot_pr_curves
@@ -52,3 +54,26 @@ def write_reports(results: dict[str, dict], out_json: str | Path, pr_dir: str | 
     plot_pr_curves(Path(out_json).parent / "pr_curves.png", {name: r["pr_curve"] for name, r in results.items()})
     atomic_write_text(Path(out_json).with_suffix(".md"), markdown_table(results))
     return metrics
+
+
+def read_model_aps(eval_json: str | Path, names) -> dict[str, float]:
+    """The PyTorch AP of each model in ``names`` from an ``eval.json`` written by ``write_reports``; a missing
+    file, a model without an entry or an entry without a numeric ``AP`` is a one-line ``ConfigError``."""
+    path = Path(eval_json)
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; run the evaluate stage first (`dvc repro evaluate`)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable JSON report ({exc})") from None
+    missing = [n for n in names if n not in report] if isinstance(report, dict) else list(names)
+    if missing:
+        have = sorted(report) if isinstance(report, dict) else "no models"
+        raise ConfigError(f"{path}: no PyTorch AP for {missing} (has {have}); run `dvc repro evaluate`")
+    aps = {}
+    for name in names:
+        ap = report[name].get("AP") if isinstance(report[name], dict) else None
+        if not isinstance(ap, (int, float)) or isinstance(ap, bool):
+            raise ConfigError(f"{path}: {name}.AP must be a number (the evaluate stage writes it), got {ap!r}")
+        aps[name] = float(ap)
+    return aps

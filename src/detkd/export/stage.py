@@ -161,6 +161,21 @@ def export_models(params: Params, checkpoints: dict[str, str], data_dir: str | P
     return report
 
 
+def relocate_paths(report, staging: Path, final: Path):
+    """``report`` with every ``"path"`` under ``staging`` rewritten to the same place under ``final`` (the
+    stage writes its files into a staging directory and publishes them as ``final``)."""
+    if isinstance(report, list):
+        return [relocate_paths(v, staging, final) for v in report]
+    if not isinstance(report, dict):
+        return report
+    out = {}
+    for key, value in report.items():
+        if key == "path" and isinstance(value, str) and Path(value).is_relative_to(staging):
+            value = str(final / Path(value).relative_to(staging))
+        out[key] = relocate_paths(value, staging, final)
+    return out
+
+
 def settle(record: dict, out_dir: Path, log: Callable[[str], None] = print) -> dict:
     """Decide an artefact's fate from its gates: ``deployable`` on the runtimes it passed on, else
     ``rejected``; a rejected FP16/INT8 file moves to ``out_dir/rejected/`` (the FP32 one stays: its failure
@@ -175,8 +190,8 @@ def settle(record: dict, out_dir: Path, log: Callable[[str], None] = print) -> d
         record["path"] = str(target)
         aps = ", ".join(f"{b} AP {g['metrics']['AP']:.4f} vs {g['ap_gate']['reference_ap']:.4f}"
                         for b, g in record["gates"].items())
-        log(f"export: {path.name} REJECTED: failed its accuracy gate on every runtime ({aps}); moved to {target}; "
-            "the FP32 file stays deployable")
+        log(f"export: {path.name} REJECTED: failed its accuracy gate on every runtime ({aps}); moved to "
+            f"rejected/{path.name}; the FP32 file stays deployable")
     return record
 
 

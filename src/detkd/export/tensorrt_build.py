@@ -66,7 +66,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str,
         tmp.write_bytes(bytes(serialized))
     machine = this_machine(trt.__version__)
     sidecar = {**machine, "precision": precision, "strongly_typed": True, "max_batch": max_batch,
-               "source": str(onnx_path), "metadata": info.to_metadata()}
+               "source": Path(onnx_path).name, "metadata": info.to_metadata()}  # the ONNX file beside the engine
     atomic_write_text(engine_sidecar(engine_path), json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
     return {"precision": precision, "size_mb": Path(engine_path).stat().st_size / 2**20, "strongly_typed": True,
-            "source": str(onnx_path), **machine}
+            "source": Path(onnx_path).name, **machine}
