@@ -8,6 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
+import _src  # noqa: F401,I001  (detkd from this checkout's src/, see _src.py)
+
 from detkd.bench.report import write
 from detkd.bench.run import run_benchmark
 from detkd.cli import parse_named_models, run_main

@@ -6,6 +6,8 @@ Reads params: eval. Writes: reports/eval.json (DVC metrics), reports/eval.md, PR
 import argparse
 from pathlib import Path
 
+import _src  # noqa: F401,I001  (detkd from this checkout's src/, see _src.py)
+
 from detkd.cli import parse_named_models, run_main
 from detkd.config import load_params
 from detkd.data.dataset import open_split

@@ -12,6 +12,8 @@ and the registered student.
 import argparse
 from pathlib import Path
 
+import _src  # noqa: F401,I001  (detkd from this checkout's src/, see _src.py)
+
 from detkd.cli import parse_named_models, run_main
 from detkd.config import load_params
 from detkd.errors import ExportError

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+import _src  # noqa: F401,I001  (detkd from this checkout's src/, see _src.py)
+
 from detkd.cli import run_main
 from detkd.frontier import build_frontier, write
 from detkd.tracking.mlflow_run import stage_run

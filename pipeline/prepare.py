@@ -5,6 +5,8 @@ Reads params: seed, data. Writes: the prepared data directory, a preview contact
 
 import argparse
 
+import _src  # noqa: F401,I001  (detkd from this checkout's src/, see _src.py)
+
 from detkd.cli import run_main
 from detkd.config import load_params
 from detkd.data.dataset import open_split

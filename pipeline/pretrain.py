@@ -11,6 +11,8 @@ training stages start that role as configured.
 import argparse
 from pathlib import Path
 
+import _src  # noqa: F401,I001  (detkd from this checkout's src/, see _src.py)
+
 from detkd.cli import run_main
 from detkd.config import load_params
 from detkd.io import atomic_torch_save, atomic_write_json

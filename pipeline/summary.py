@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+import _src  # noqa: F401,I001  (detkd from this checkout's src/, see _src.py)
+
 from detkd.cli import run_main
 from detkd.io import atomic_write_json, atomic_write_text
 from detkd.summary import build_summary, headline

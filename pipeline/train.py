@@ -10,6 +10,8 @@ DistributedDataParallel; only rank 0 writes.
 import argparse
 from pathlib import Path
 
+import _src  # noqa: F401,I001  (detkd from this checkout's src/, see _src.py)
+
 from detkd.cli import run_main
 from detkd.config import load_params
 from detkd.engine.distributed import cleanup, init_distributed

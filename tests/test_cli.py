@@ -211,3 +211,21 @@ def test_the_reference_ap_report_is_checked_in_one_line(tmp_path, content, expec
     with pytest.raises(ConfigError) as err:
         read_model_aps(path, ["student"])
     assert expected in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.fault
+def test_every_stage_entry_imports_detkd_from_its_own_checkout(tmp_path):
+    """A queued DVC experiment runs in a copy of the repository: its stages must run the copy's code, not
+    the workspace's editable install."""
+    import shutil
+
+    for name in ("pipeline", "src"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    init = tmp_path / "src/detkd/__init__.py"
+    init.write_text(init.read_text() + "\nprint('detkd from the copy')\n")
+    entries = sorted(p for p in (tmp_path / "pipeline").glob("*.py") if p.name != "_src.py")
+    assert len(entries) >= 8
+    for entry in entries:
+        proc = subprocess.run([sys.executable, str(entry), "--help"], capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.startswith("detkd from the copy"), f"{entry.name} imported another detkd"

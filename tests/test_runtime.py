@@ -208,6 +208,27 @@ def test_match_detections_and_ap_gate_known_answers():
     assert result["matched"] == 1 and result["unmatched"] == 1
     cand["labels"] = np.array([3, 1])
     assert match_detections(ref, cand, Tolerance())["unmatched"] == 1
+    # a detection missing from the artefact's output at its cut-off (rounding swapped it with a near-equal one)
+    # is tied; one missing well above the cut-off is unmatched
+    cand["labels"] = np.array([2, 1])
+    ref["scores"] = np.array([0.9, 0.0502, 0.4])
+    result = match_detections(ref, {k: v[1:] for k, v in cand.items()}, Tolerance(score_atol=1e-3), cutoff=0.05)
+    assert (result["matched"], result["unmatched"], result["tied"]) == (1, 0, 1)
+    result = match_detections(ref, {k: v[1:] for k, v in cand.items()}, Tolerance(score_atol=1e-3), cutoff=0.04)
+    assert (result["matched"], result["unmatched"], result["tied"]) == (1, 1, 0)
+    assert match_detections(ref, {k: v[1:] for k, v in cand.items()}, Tolerance())["unmatched"] == 1  # no cut-off given
+    # equal scores: NMS kept another of the tied boxes. Excused only when the reference itself holds the tie
+    # and the artefact holds a spare detection of that label and score; a wrong box of distinct score is not
+    tie_ref = {"boxes": np.array([[0, 0, 10, 10], [8, 0, 18, 10], [30, 30, 40, 40.]]),
+               "scores": np.array([0.2371, 0.2366, 0.8]), "labels": np.array([3, 3, 3])}
+    tie_cand = {"boxes": np.array([[0, 0, 10, 10], [4, 0, 14, 10], [30, 30, 40, 40.]]),
+                "scores": np.array([0.2371, 0.2369, 0.8]), "labels": np.array([3, 3, 3])}
+    result = match_detections(tie_ref, tie_cand, Tolerance(score_atol=1e-3))
+    assert (result["matched"], result["unmatched"], result["tied"]) == (2, 0, 1)
+    tie_ref["scores"] = np.array([0.2371, 0.15, 0.8])  # no tie in the reference: the wrong box counts
+    tie_cand["scores"] = np.array([0.2371, 0.1503, 0.8])
+    result = match_detections(tie_ref, tie_cand, Tolerance(score_atol=1e-3))
+    assert (result["matched"], result["unmatched"], result["tied"]) == (2, 1, 0)
     assert ap_gate(0.5, 0.504, 0.005)["passed"] and not ap_gate(0.5, 0.494, 0.005)["passed"]
     assert ap_gate(0.5, 0.494, 0.005)["difference"] == pytest.approx(-0.006)
 

@@ -6,8 +6,11 @@ Contract:
 - ``compare_outputs(detector, runner, images, tolerance)`` feeds the eager PyTorch detector and the
   runner the *same* letterboxed inputs and checks that every PyTorch detection (label >= 1) has a
   counterpart in the artefact's output: same label, every box coordinate within ``box_atol`` pixels and
-  the score within ``score_atol``. Returns counts and the largest differences seen; ``passed`` when the
-  share of unmatched detections is at most ``max_unmatched`` (ties at the top-D cut-off may swap).
+  the score within ``score_atol``. A PyTorch detection without one is ``tied``, not unmatched, where
+  rounding may legitimately have swapped it for another (``match_detections``: at the top-D or threshold
+  cut-off, or among detections of equal score, as untrained models with flat scores give). Returns counts
+  and the largest differences seen; ``passed`` when the share of unmatched detections is at most
+  ``max_unmatched``.
 - ``ap_gate(reference_ap, artefact_ap, max_drop)``: passed when ``|difference| <= max_drop``.
 """
 
@@ -51,11 +54,18 @@ def ap_gate(reference_ap: float, artefact_ap: float, max_drop: float) -> dict:
             "passed": bool(abs(difference) <= max_drop + 1e-12)}
 
 
-def match_detections(reference: dict, candidate: dict, tolerance: Tolerance) -> dict:
-    """Counterparts of ``reference`` detections (numpy ``boxes``/``scores``/``labels``) in ``candidate``."""
-    matched = unmatched = 0
+def match_detections(reference: dict, candidate: dict, tolerance: Tolerance, cutoff: float | None = None) -> dict:
+    """Counterparts of ``reference`` detections (numpy ``boxes``/``scores``/``labels``) in ``candidate``.
+
+    A reference detection without a counterpart is ``tied`` instead of ``unmatched`` when rounding may
+    legitimately have dropped it: its score is within ``score_atol`` of ``cutoff`` (the top-D or threshold
+    selection), or another reference detection of its label has a score within ``score_atol`` of it (a tie,
+    so which of them NMS keeps is arbitrary) and the candidate holds a spare detection of that label and
+    score (the one kept instead). Distinct scores, as a trained detector gives, leave no room for excuses."""
+    matched = 0
     box_diffs, score_diffs = [0.0], [0.0]
     used = np.zeros(len(candidate["labels"]), dtype=bool)
+    missing = []
     for box, score, label in zip(reference["boxes"], reference["scores"], reference["labels"]):
         if label < 1:
             continue
@@ -70,8 +80,25 @@ def match_detections(reference: dict, candidate: dict, tolerance: Tolerance) -> 
                 box_diffs.append(b)
                 score_diffs.append(s)
                 continue
-        unmatched += 1
-    return {"matched": matched, "unmatched": unmatched, "max_box_diff": max(box_diffs), "max_score_diff": max(score_diffs)}
+        missing.append((score, label))
+    tied = 0
+    for score, label in missing:
+        if cutoff is not None and score <= cutoff + tolerance.score_atol:
+            tied += 1
+            continue
+        near = lambda scores: np.abs(scores - score) <= tolerance.score_atol  # noqa: E731
+        tie = int(np.sum((reference["labels"] == label) & near(reference["scores"]))) > 1
+        spare = np.where((candidate["labels"] == label) & ~used & near(candidate["scores"]))[0]
+        if tie and spare.size:
+            used[spare[0]] = True
+            tied += 1
+    return {"matched": matched, "unmatched": len(missing) - tied, "tied": tied, "max_box_diff": max(box_diffs),
+            "max_score_diff": max(score_diffs)}
+
+
+def score_threshold(detector: torch.nn.Module) -> float:
+    """The score below which a torchvision detector drops detections (Faster R-CNN's RoI heads, RetinaNet)."""
+    return float(getattr(getattr(detector, "roi_heads", detector), "score_thresh"))
 
 
 @torch.no_grad()
@@ -83,16 +110,19 @@ def compare_outputs(detector: torch.nn.Module, runner: Runner, images: list[np.n
     boxes, scores, labels, counts = (np.concatenate([p[k] for p in parts]) for k in range(4))
     with letterboxed_input(detector.eval().cpu(), batch.shape[-1]):
         reference = detector([torch.from_numpy(x) for x in batch])
-    total = {"matched": 0, "unmatched": 0, "max_box_diff": 0.0, "max_score_diff": 0.0}
+    total = {"matched": 0, "unmatched": 0, "tied": 0, "max_box_diff": 0.0, "max_score_diff": 0.0}
+    threshold, slots = score_threshold(detector), boxes.shape[1]
     for i, ref in enumerate(reference):
         n = int(counts[i])
+        cutoff = float(scores[i, n - 1]) if n == slots else threshold  # a full list is cut at its lowest score
         result = match_detections({k: v.numpy() for k, v in ref.items()},
-                                  {"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}, tolerance)
-        total["matched"] += result["matched"]
-        total["unmatched"] += result["unmatched"]
+                                  {"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}, tolerance,
+                                  cutoff)
+        for key in ("matched", "unmatched", "tied"):
+            total[key] += result[key]
         total["max_box_diff"] = max(total["max_box_diff"], result["max_box_diff"])
         total["max_score_diff"] = max(total["max_score_diff"], result["max_score_diff"])
-    reference_count = total["matched"] + total["unmatched"]
+    reference_count = total["matched"] + total["unmatched"] + total["tied"]
     share = total["unmatched"] / reference_count if reference_count else 0.0
     return {**total, "images": len(images), "unmatched_share": share, "tolerance": asdict(tolerance),
             "passed": bool(share <= tolerance.max_unmatched)}

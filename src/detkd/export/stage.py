@@ -105,7 +105,8 @@ def _gate_everywhere(path: Path, precision: str, detector, index, sample, refere
         raw = g["raw_outputs"]
         log(f"export: {path.name} on {backend}: AP {g['metrics']['AP']:.4f} vs PyTorch {reference_ap:.4f} "
             f"(allowed +-{g['ap_gate']['max_difference']}: {'pass' if g['passed'] else 'FAIL'}); raw outputs "
-            f"{raw['matched']} matched, {raw['unmatched']} unmatched{'' if raw['gated'] else ' (recorded)'}")
+            f"{raw['matched']} matched, {raw['unmatched']} unmatched, {raw['tied']} tied"
+            f"{'' if raw['gated'] else ' (recorded)'}")
     return {"gates": gates, "not_gated": skipped}
 
 
@@ -230,7 +231,8 @@ def failures(report: dict) -> list[str]:
             if not gate["passed"]:
                 ap, raw = gate["ap_gate"], gate["raw_outputs"]
                 out.append(f"{label}: AP {ap['ap']:.4f} vs PyTorch {ap['reference_ap']:.4f} (allowed "
-                           f"+-{ap['max_difference']}), raw outputs {raw['unmatched']} of {raw['matched'] + raw['unmatched']} "
+                           f"+-{ap['max_difference']}), raw outputs {raw['unmatched']} of "
+                           f"{raw['matched'] + raw['unmatched'] + raw.get('tied', 0)} "
                            f"detections unmatched (allowed share {raw['tolerance']['max_unmatched']})")
     return out
 
