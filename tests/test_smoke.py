@@ -103,3 +103,15 @@ def test_smoke_pipeline_runs_every_stage_tracks_and_is_cached(tmp_path):
     assert export["models"]["distilled"]["backbone"] == "mobilenet_v3_small"
     version = client.get_model_version_by_alias("detkd-student", "deployable")
     assert version.run_id == stages["export"].info.run_id
+
+    # `dvc plots show`: every declared plot renders, with data from each model's file
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=tmp_path, capture_output=True,
+                           text=True)
+    plots = json.loads(shown.stdout)
+    assert not plots.get("errors"), plots.get("errors")
+    task = next(v for k, v in plots["data"].items() if k.startswith("task loss"))
+    files = {row["filename"].split("/")[-1] for row in task[0]["content"]["data"]["values"]}
+    assert files == {"teacher.csv", "student.csv", "distill.csv"}

@@ -18,8 +18,9 @@ def _pyplot():
 
 
 def write_history_csv(path: str | Path, history: list[dict]) -> None:
-    """One row per logged step; columns: step, epoch, lr, loss and every loss term."""
-    keys = ["step", "epoch", "lr", "loss"]
+    """One row per logged step; columns: step, epoch, lr, loss (, task_loss, distill_loss when distilling)
+    and every loss term."""
+    keys = ["step", "epoch", "lr", "loss", *(k for k in ("task_loss", "distill_loss") if history and k in history[0])]
     for row in history:
         keys += [k for k in row if k not in keys]
     import io
@@ -36,7 +37,7 @@ def plot_history(path: str | Path, history: list[dict], title: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in history]
-    terms = [k for k in (history[0] if history else {}) if k not in ("step", "epoch", "lr")]
+    terms = [k for k in (history[0] if history else {}) if k not in ("step", "epoch", "lr", "task_loss", "distill_loss")]
     for k in terms:
         ax.plot(steps, [r.get(k, float("nan")) for r in history], label=k, linewidth=2 if k == "loss" else 1)
     ax.set_xlabel("iteration")

@@ -71,6 +71,7 @@ def run_smoke(repo: Path, workdir: Path, extra_overrides: Optional[dict] = None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     _run(["git", "init", "-q"], workdir, env)
     _run(["dvc", "init", "-q"], workdir, env)
+    shutil.copytree(repo / ".dvc" / "plots", workdir / ".dvc" / "plots")  # the plot templates dvc.yaml names
     (workdir / ".gitignore").write_text("smoke-mlflow.db\nmlartifacts/\ncheckpoints/\n")
     _run(["git", "add", "-A"], workdir, env)
     _run(["git", "commit", "-q", "-m", "smoke"], workdir, env)

@@ -64,6 +64,15 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def loss_parts(row: dict) -> dict:
+    """``task_loss`` and ``distill_loss``, the sums of a logged row's ``task/*`` and ``distill/*`` terms, when
+    it has distillation terms (the detector's own loss is then comparable with a plain run's ``loss``)."""
+    if not any(k.startswith("distill/") for k in row):
+        return {}
+    return {"task_loss": sum(v for k, v in row.items() if k.startswith("task/")),
+            "distill_loss": sum(v for k, v in row.items() if k.startswith("distill/"))}
+
+
 def forward_losses(model: nn.Module, images, targets, use_amp: bool) -> tuple[dict, torch.Tensor]:
     """The forward half of a training step: named loss terms (``task/*``, ``distill/*``) and their sum.
     ``use_amp`` is the caller's decision (the trainer enables it on CUDA only)."""
@@ -223,7 +232,7 @@ def train(
             if iteration % cfg.log_every == 0 or iteration == total:
                 n = running.pop("_n")
                 row = {k: float(all_reduce_mean(torch.tensor(v / n, device=device), dist_info)) for k, v in running.items()}
-                row.update(step=iteration, epoch=epoch, lr=optimizer.param_groups[0]["lr"])
+                row.update(loss_parts(row), step=iteration, epoch=epoch, lr=optimizer.param_groups[0]["lr"])
                 history.append(row)
                 running = {}
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
