@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.detkd-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test smoke compare frontier lock clean-mlflow
+.PHONY: setup repro test smoke compare frontier lock
 
 # Create the environment if missing; (re)install when the pins change. Exact versions: constraints.txt.
 $(STAMP): pyproject.toml constraints.txt
