@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", choices=["onnxruntime", "openvino", "tensorrt"],
                         help="Triton backend (default: onnxruntime for .onnx, tensorrt for engines)")
     parser.add_argument("--name", help="model name (default: detkd_<file stem>)")
-    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-batch", type=int,
+                        help="Triton's max_batch_size (default: 8 for ONNX; an engine's own profile limit, from its sidecar)")
     parser.add_argument("--instance", choices=["KIND_CPU", "KIND_GPU"],
                         help="default: KIND_CPU for onnxruntime/OpenVINO, KIND_GPU for TensorRT")
     args = parser.parse_args(argv)

@@ -94,6 +94,10 @@ def test_onnx_export_matches_pytorch_for_any_batch_and_passes_the_tensorrt_check
     assert check_model(proto) == []
     ops = {n.op_type for n in proto.graph.node}
     assert "NonMaxSuppression" in ops and "RoiAlign" in ops
+    shapes = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+    detections = tiny_info(model).max_detections
+    assert shapes == {"boxes": ["batch", detections, 4], "scores": ["batch", detections],
+                      "labels": ["batch", detections], "num_dets": ["batch"]}  # static but for the batch
     runner = OnnxRunner(path)
     graph = DeployableDetector(model)
     for n in (1, 3):

@@ -366,10 +366,14 @@ def test_triton_defaults_follow_the_artefact_and_cover_openvino_and_engines(onnx
     assert (target / "1" / "model.onnx").is_file()
     engine = tmp_path / "distilled_fp16.engine"
     engine.write_bytes(b"plan")
-    engine_sidecar(engine).write_text(json.dumps({"metadata": read_model_info(path).to_metadata()}))
+    engine_sidecar(engine).write_text(json.dumps({"metadata": read_model_info(path).to_metadata(), "max_batch": 2}))
     target = write_model_repository(engine, tmp_path / "repo")
     config = (target / "config.pbtxt").read_text()
     assert 'platform: "tensorrt_plan"' in config and "kind: KIND_GPU" in config and (target / "1" / "model.plan").is_file()
+    assert "max_batch_size: 2" in config  # the engine's profile, from its sidecar (ONNX files default to 8)
+    assert "max_batch_size: 8" in (write_model_repository(int8, tmp_path / "repo") / "config.pbtxt").read_text()
+    with pytest.raises(ModelFileError, match=r"max batch 4 is above the engine's profile \(2, from distilled_fp16.engine.json\)"):
+        write_model_repository(engine, tmp_path / "repo", max_batch=4)
     with pytest.raises(ModelFileError, match="the tensorrt backend takes a TensorRT engine"):
         write_model_repository(int8, tmp_path / "repo", runtime="tensorrt")
     with pytest.raises(ModelFileError, match="the openvino backend takes an ONNX file"):

@@ -45,6 +45,26 @@ def model_info(detector: nn.Module, meta: dict, git_commit: str = "unknown", mlf
     )
 
 
+def declare_output_shapes(model, max_detections: int) -> None:
+    """Write the contract's static output dimensions into ``model`` (tracing leaves some symbolic, e.g. the
+    4 of ``boxes``): boxes [batch, D, 4], scores and labels [batch, D], num_dets [batch]; a traced dimension
+    that disagrees is an ``ExportError``."""
+    expected = {"boxes": ("batch", max_detections, 4), "scores": ("batch", max_detections),
+                "labels": ("batch", max_detections), "num_dets": ("batch",)}
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        want = expected[output.name]
+        if len(dims) != len(want):
+            raise ExportError(f"ONNX output {output.name} has rank {len(dims)}, the contract says {len(want)}")
+        for dim, value in zip(dims, want):
+            if isinstance(value, str):
+                continue
+            if dim.HasField("dim_value") and dim.dim_value != value:
+                raise ExportError(f"ONNX output {output.name} has a dimension {dim.dim_value} where the contract says "
+                                  f"{value}")
+            dim.dim_value = value  # replaces a symbolic dim_param
+
+
 def export_onnx(detector: nn.Module, info: ModelInfo, path: str | Path, opset: int = MIN_OPSET,
                 simplify: bool = True) -> dict:
     import onnx
@@ -66,6 +86,7 @@ def export_onnx(detector: nn.Module, info: ModelInfo, path: str | Path, opset: i
         import onnxslim
 
         model = onnxslim.slim(model)
+    declare_output_shapes(model, info.max_detections)
     del model.metadata_props[:]
     for key, value in info.to_metadata().items():
         entry = model.metadata_props.add()

@@ -1,7 +1,7 @@
 """Triton Inference Server model repository for an exported detector: an ONNX file (FP32, FP16 or INT8 Q/DQ)
 on Triton's onnxruntime or OpenVINO backend, or a TensorRT engine.
 
-Contract: ``write_model_repository(model_path, repository, name=None, max_batch=8, instance=None,
+Contract: ``write_model_repository(model_path, repository, name=None, max_batch=None, instance=None,
 runtime=None)`` creates ``repository/<name>/config.pbtxt``, ``repository/<name>/1/model.onnx`` (or
 ``model.plan``) and ``repository/<name>/labels.txt`` (class names, one per line, background first). The
 config declares the export contract (``images`` FP32 ``[3, S, S]``; ``boxes`` ``[D, 4]``, ``scores``,
@@ -11,6 +11,8 @@ backend:
 - ``runtime`` defaults from the file: ``.onnx`` -> ``onnxruntime`` (``platform: onnxruntime_onnx``; or
   ``openvino``: ``backend: "openvino"`` reading ``model.onnx``), engines -> ``tensorrt`` (``tensorrt_plan``);
 - ``instance`` defaults to ``KIND_CPU`` for onnxruntime and OpenVINO and ``KIND_GPU`` for TensorRT;
+- ``max_batch`` defaults to 8 for ONNX files and, for an engine, to its optimisation profile's largest batch
+  (read from its ``<engine>.json`` sidecar; a larger value is refused);
 - ``name`` defaults to ``detkd_<file stem>`` (``detkd_distilled_int8``), with ``_openvino`` appended for the
   OpenVINO backend, so every artefact gets its own model.
 
@@ -28,7 +30,7 @@ from typing import Optional
 
 from detkd.errors import ModelFileError
 from detkd.runtime.base import ENGINE_SUFFIXES
-from detkd.runtime.metadata import ModelInfo, read_model_info
+from detkd.runtime.metadata import ModelInfo, engine_sidecar, read_model_info
 
 BACKENDS = {"onnxruntime": ('platform: "onnxruntime_onnx"', "model.onnx"),
             "openvino": ('backend: "openvino"\ndefault_model_filename: "model.onnx"', "model.onnx"),
@@ -72,8 +74,22 @@ parameters {{ key: "detkd.git_commit", value: {{ string_value: "{info.git_commit
 """
 
 
+def engine_max_batch(engine_path: Path) -> int:
+    """The largest batch of an engine's optimisation profile, from its ``<engine>.json`` sidecar."""
+    sidecar = engine_sidecar(engine_path)
+    try:
+        value = json.loads(sidecar.read_text())["max_batch"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelFileError(f"{sidecar}: cannot read the engine's max_batch ({type(exc).__name__}: {exc}); "
+                             "rebuild the engine with `dvc repro export`") from None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ModelFileError(f"{sidecar}: max_batch must be a positive integer, got {value!r}")
+    return value
+
+
 def write_model_repository(model_path: str | Path, repository: str | Path, name: Optional[str] = None,
-                           max_batch: int = 8, instance: Optional[str] = None, runtime: Optional[str] = None) -> Path:
+                           max_batch: Optional[int] = None, instance: Optional[str] = None,
+                           runtime: Optional[str] = None) -> Path:
     model_path, repository = Path(model_path), Path(repository)
     if model_path.suffix != ".onnx" and model_path.suffix not in ENGINE_SUFFIXES:
         raise ModelFileError(f"{model_path}: expected .onnx or a TensorRT engine ({'/'.join(ENGINE_SUFFIXES)})")
@@ -88,6 +104,13 @@ def write_model_repository(model_path: str | Path, repository: str | Path, name:
     instance = instance or ("KIND_GPU" if runtime == "tensorrt" else "KIND_CPU")
     if instance not in INSTANCE_KINDS:
         raise ModelFileError(f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, got {instance}")
+    if runtime == "tensorrt":  # an engine serves at most its profile's batch
+        built = engine_max_batch(model_path)
+        if max_batch is not None and max_batch > built:
+            raise ModelFileError(f"{model_path}: max batch {max_batch} is above the engine's profile ({built}, from "
+                                 f"{engine_sidecar(model_path).name}); rebuild it with export.tensorrt.max_batch")
+        max_batch = max_batch or built
+    max_batch = 8 if max_batch is None else max_batch
     if max_batch < 1:
         raise ModelFileError(f"max batch must be at least 1, got {max_batch}")
     info = read_model_info(model_path)
