@@ -35,6 +35,9 @@ def test_smoke_pipeline_runs_every_stage_tracks_and_is_cached(tmp_path):
     parents = [r for r in runs if r.data.tags.get("detkd.kind") == "pipeline"]
     stages = {r.data.tags["detkd.stage"]: r for r in runs if r.data.tags.get("detkd.kind") == "stage"}
     assert len(parents) == 1 and set(stages) == set(summary["stages"])
+    # the pipeline's run compares pipelines: its params and headline numbers; each stage records its machine
+    assert parents[0].data.params["distill.method"] == "dsig" and "distilled_ap" in parents[0].data.metrics
+    assert all(r.data.tags["detkd.device"] and r.data.tags["detkd.version.torch"] for r in stages.values())
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in stages.values())
     assert all(r.data.tags["detkd.git_commit"] != "unknown" for r in stages.values())
     teacher = stages["train_teacher"]

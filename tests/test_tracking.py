@@ -133,3 +133,32 @@ def test_sigterm_marks_the_stage_run_failed(tiny_stage, tmp_path):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     statuses = {r.data.tags.get("detkd.kind"): r.info.status for r in runs}
     assert statuses == {"stage": "FAILED", "pipeline": "FAILED"}, statuses
+
+
+# ---- what the runs carry -------------------------------------------------------------------------------
+
+def test_the_pipeline_run_carries_params_and_headline_numbers_and_stages_their_machine(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from detkd.tracking.mlflow_run import stage_run
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DETKD_PIPELINE_ID", "carries")
+    monkeypatch.delenv("DETKD_TRACKING", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 3\ndistill: {method: gid, fasterrcnn: {gid: {w_feature: 0.5}}}\n")
+    with stage_run("train_teacher", {"teacher": {"backbone": "resnet18"}}) as run:
+        stage_id = run.run_id
+    with stage_run("summary") as run:
+        run.parent.log_metrics({"distilled_ap": 0.48, "speedup_b1": 4.4})
+        parent_id = run.parent.run_id
+
+    client = MlflowClient(uri)
+    parent, stage = client.get_run(parent_id), client.get_run(stage_id)
+    assert parent.data.tags["detkd.kind"] == "pipeline" and parent.info.status == "FINISHED"
+    assert parent.data.params == {"seed": "3", "distill.method": "gid", "distill.fasterrcnn.gid.w_feature": "0.5"}
+    assert parent.data.metrics == {"distilled_ap": 0.48, "speedup_b1": 4.4}
+    assert stage.data.tags["mlflow.parentRunId"] == parent_id
+    assert stage.data.tags["detkd.device"].startswith(("cpu: ", "cuda: "))
+    assert stage.data.tags["detkd.version.torch"] and stage.data.tags["detkd.version.python"]

@@ -24,6 +24,7 @@ from detkd.bench.backends import Target, split_row_key, targets
 from detkd.bench.latency import latency_stats, time_callable
 from detkd.config import Params
 from detkd.data.dataset import open_split
+from detkd.machine import cpu_name
 from detkd.runtime.metadata import ModelInfo, read_model_info
 from detkd.runtime.preprocess import letterbox, read_image
 
@@ -34,16 +35,6 @@ MIN_SPEEDUP = 3.0  # distilled student vs teacher, batch 1... each on its fastes
 def is_cpu_backend(row: str) -> bool:
     """CPU backends are named ``<runtime>-cpu`` (torch-cpu, onnxruntime-cpu, openvino-cpu/int8, ...)."""
     return split_row_key(row)[0].endswith("-cpu")
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(threads: int) -> dict:

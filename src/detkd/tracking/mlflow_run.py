@@ -2,8 +2,10 @@
 
 Contract: ``with stage_run("train_teacher", params) as run:`` opens a run nested under the pipeline's
 parent run and tags it with the git commit, the DVC experiment name and the pipeline id; ``run`` has
-``log_params``, ``log_metrics``, ``log_artifact`` and ``set_tags``. On an exception the run is marked
-FAILED. With ``DETKD_TRACKING=off`` every call is a no-op (``run.enabled`` is False).
+``log_params``, ``log_metrics``, ``log_artifact`` and ``set_tags``, and ``run.parent``, the pipeline's run
+(which gets the params of ``params.yaml`` when it is created and the headline numbers from ``summary``).
+Each stage run is tagged with the device it ran on and the library versions (``detkd.machine``). On an
+exception the run is marked FAILED. With ``DETKD_TRACKING=off`` every call is a no-op (``run.enabled`` is False).
 
 Where runs go: ``MLFLOW_TRACKING_URI`` if set; otherwise a SQLite file ``mlflow.db`` at the absolute
 path of the repository root (artefacts in ``mlartifacts/`` beside it), so that queued DVC experiments,
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from detkd.errors import ConfigError
+from detkd.machine import environment_tags
 
 EXPERIMENT = os.environ.get("DETKD_MLFLOW_EXPERIMENT", "detkd")
 
@@ -76,6 +79,11 @@ class _NullRun:
     enabled = False
     run_id: Optional[str] = None
 
+    @property
+    def parent(self) -> "_NullRun":
+        """The pipeline's parent run (for the headline numbers); a no-op here."""
+        return self
+
     def log_params(self, params: dict) -> None: ...
     def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None: ...
@@ -91,17 +99,25 @@ class _MlflowRun(_NullRun):
 
     enabled = True
 
-    def __init__(self, client, run_id: str):
-        self.client, self.run_id = client, run_id
-        self.broken = False
+    def __init__(self, client, run_id: str, parent_id: Optional[str] = None, health: Optional[dict] = None):
+        self.client, self.run_id, self.parent_id = client, run_id, parent_id
+        self.health = health if health is not None else {"broken": False}  # shared with the parent's handle
+
+    @property
+    def parent(self) -> "_NullRun":
+        """The pipeline's parent run: the summary stage logs the headline numbers there too, so MLflow's runs
+        table compares pipelines. Shares this run's client and its fate when tracking fails."""
+        if self.parent_id is None:
+            return _NullRun()
+        return _MlflowRun(self.client, self.parent_id, health=self.health)  # one warning, one switch-off
 
     def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
-        if self.broken:
+        if self.health["broken"]:
             return None
         try:
             return fn()
         except Exception as exc:  # MLflow raises many types (REST, SQLAlchemy, OS, requests)
-            self.broken = True
+            self.health["broken"] = True
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             from tqdm import tqdm  # writes above a progress bar rather than into it
 
@@ -230,15 +246,27 @@ def _experiment_id(client, root: Path) -> str:
         return client.get_experiment_by_name(EXPERIMENT).experiment_id
 
 
-def _parent_run(client, experiment_id: str, pid: str, tags: dict) -> str:
+def _parent_run(client, experiment_id: str, pid: str, tags: dict) -> tuple[str, bool]:
+    """The run id of the pipeline's parent run, and whether this call created it."""
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`detkd.pipeline_id` = '{pid}' and tags.`detkd.kind` = 'pipeline'",
         max_results=1,
     )
     if found:
-        return found[0].info.run_id
+        return found[0].info.run_id, False
     run = client.create_run(experiment_id, run_name=f"pipeline {pid}", tags={**tags, "detkd.kind": "pipeline"})
-    return run.info.run_id
+    return run.info.run_id, True
+
+
+def pipeline_params(params_file: Path = Path("params.yaml")) -> dict:
+    """The pipeline's params (the parent run's params, so pipelines compare in MLflow's runs table)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(params_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}  # the stage itself reports a bad params file in one line
+    return data if isinstance(data, dict) else {}
 
 
 @contextlib.contextmanager
@@ -268,14 +296,16 @@ def stage_run(stage: str, params: Optional[dict] = None, rank_zero: bool = True)
         with _store_lock(uri):  # the first access creates a SQLite store's schema: one process at a time
             client = MlflowClient(tracking_uri=uri)
             experiment_id = _experiment_id(client, root)
-        parent = _parent_run(client, experiment_id, pid, tags)
-        run = client.create_run(experiment_id, run_name=stage, tags={**tags, "detkd.kind": "stage",
+        parent, created = _parent_run(client, experiment_id, pid, tags)
+        run = client.create_run(experiment_id, run_name=stage, tags={**tags, **environment_tags(), "detkd.kind": "stage",
                                                                      "detkd.stage": stage, "mlflow.parentRunId": parent})
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ConfigError(f"MLflow tracking at {uri} failed while opening the stage's run ({first}); "
                           "fix the store or MLFLOW_TRACKING_URI, or run with DETKD_TRACKING=off") from None
-    handle = _MlflowRun(client, run.info.run_id)
+    handle = _MlflowRun(client, run.info.run_id, parent)
+    if created:
+        handle.parent.log_params(pipeline_params())
     if params:
         handle.log_params(params)
     with _sigterm_as_exit():
