@@ -21,7 +21,7 @@ from detkd.evaluation.report import read_model_aps
 from detkd.export.stage import (deployable_artefacts, export_models, failures, registrable, rejected,
                                 relocate_paths)
 from detkd.io import atomic_write_json, staged_directory
-from detkd.tracking.mlflow_run import stage_run
+from detkd.tracking.mlflow_run import git_commit, pipeline_id, stage_run
 
 
 def main() -> None:
@@ -59,17 +59,24 @@ def main() -> None:
             print(f"export: not deployable (failed its gate, kept out of models/export): {line}")
         for name, entry in report["models"].items():
             target = registrable(report, name) if name == args.register else None
-            version = run.log_onnx_model(entry["artefacts"]["fp32"]["path"], f"{name}-onnx",
-                                         params.export.registered_model if target else None, params.export.alias)
+            tags = {"AP": f"{reference_ap[name]:.4f}", "commit": git_commit(), "method": params.distill.method,
+                    "family": entry["family"], "backbone": entry["backbone"], "pipeline_id": pipeline_id()}
+            registered = run.log_onnx_model(
+                entry["artefacts"]["fp32"]["path"], f"{name}-onnx", params.export.registered_model if target else None,
+                params.export.alias, score=reference_ap[name], tags=tags,
+                description=(f"detkd {name} ({entry['family']}, {entry['backbone']} backbone, distillation "
+                             f"{params.distill.method}): FP32 ONNX, val AP {reference_ap[name]:.4f} in PyTorch, passed "
+                             f"its accuracy gate on {', '.join(entry['artefacts']['fp32']['deployable_on'])}"))
             for artefact in deployable_artefacts(entry):
                 if artefact["precision"] != "fp32":
                     run.log_artifact(artefact["path"], f"{name}-onnx-{artefact['precision']}")
             for engine in entry["engines"].values():
                 if engine.get("status") == "deployable":
                     run.log_artifact(engine["path"], "engines")
-            if version:
-                print(f"export: registered {params.export.registered_model} version {version} as "
-                      f"@{params.export.alias}")
+            if registered:
+                print(f"export: registered {params.export.registered_model} version {registered['version']}; "
+                      f"@{params.export.alias} {'moved to it' if registered['alias_moved'] else 'not moved'}: "
+                      f"{registered['reason']}")
 
 
 if __name__ == "__main__":

@@ -162,3 +162,45 @@ def test_the_pipeline_run_carries_params_and_headline_numbers_and_stages_their_m
     assert stage.data.tags["mlflow.parentRunId"] == parent_id
     assert stage.data.tags["detkd.device"].startswith(("cpu: ", "cuda: "))
     assert stage.data.tags["detkd.version.torch"] and stage.data.tags["detkd.version.python"]
+
+
+def _tiny_onnx(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["boxes"])], "tiny",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["batch", 3, 8, 8])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_deployable_moves_only_to_a_better_student_and_versions_carry_signature_and_tags(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from detkd.tracking.mlflow_run import stage_run
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DETKD_PIPELINE_ID", "registry")
+    monkeypatch.delenv("DETKD_TRACKING", raising=False)
+    monkeypatch.chdir(tmp_path)
+    model = _tiny_onnx(tmp_path / "m.onnx")
+    outcomes = []
+    for ap in (0.40, 0.35, 0.45):
+        with stage_run("export") as run:
+            outcomes.append(run.log_onnx_model(model, "distilled-onnx", "detkd-student", "deployable", score=ap,
+                                               tags={"AP": f"{ap:.4f}", "method": "gid"}, description=f"AP {ap}"))
+    assert [o["alias_moved"] for o in outcomes] == [True, False, True]
+    assert "does not beat version 1's 0.4000" in outcomes[1]["reason"]
+    client = MlflowClient(uri)
+    holder = client.get_model_version_by_alias("detkd-student", "deployable")
+    assert str(holder.version) == outcomes[2]["version"] and holder.tags == {"AP": "0.4500", "method": "gid"}
+    assert holder.description == "AP 0.45"
+
+    import mlflow
+
+    info = mlflow.models.get_model_info(f"models:/detkd-student/{holder.version}")
+    (spec,) = info.signature.inputs.inputs
+    assert (spec.name, str(spec.type), tuple(spec.shape)) == ("images", "float32", (-1, 3, 8, 8))
+    assert info.signature.outputs.input_names() == ["boxes"]

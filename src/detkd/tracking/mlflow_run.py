@@ -89,7 +89,8 @@ class _NullRun:
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
     def log_onnx_model(self, path: str | Path, name: str, registered_model: Optional[str] = None,
-                       alias: Optional[str] = None) -> Optional[str]:
+                       alias: Optional[str] = None, description: str = "", tags: Optional[dict] = None,
+                       score: Optional[float] = None) -> Optional[dict]:
         return None
 
 
@@ -163,23 +164,71 @@ class _MlflowRun(_NullRun):
         self._guard(f"marking the run {status}", lambda: self.client.set_terminated(run_id, status=status))
 
     def log_onnx_model(self, path: str | Path, name: str, registered_model: Optional[str] = None,
-                       alias: Optional[str] = None) -> Optional[str]:
-        """Log ``path`` with MLflow's ONNX flavour; with ``registered_model`` register it and point ``alias`` at
-        the new version. Returns the registered version (or None, also when tracking failed)."""
+                       alias: Optional[str] = None, description: str = "", tags: Optional[dict] = None,
+                       score: Optional[float] = None) -> Optional[dict]:
+        """Log ``path`` with MLflow's ONNX flavour and its input/output signature (``detkd.runtime`` contract).
+        With ``registered_model``: register it with ``description`` and ``tags`` and move ``alias`` to the new
+        version only when its ``score`` (the AP tag) beats the current holder's (``promote_rule``). Returns
+        ``{"version", "alias_moved", "reason"}`` for a registered model, else None (also when tracking failed)."""
         import mlflow
         import mlflow.onnx
         import onnx
 
         def send():
             mlflow.set_tracking_uri(self.client.tracking_uri)
+            model = onnx.load(str(path))
             with mlflow.start_run(run_id=self.run_id):
-                logged = mlflow.onnx.log_model(onnx.load(str(path)), name=name, registered_model_name=registered_model,
-                                               save_as_external_data=False)
+                logged = mlflow.onnx.log_model(model, name=name, registered_model_name=registered_model,
+                                               save_as_external_data=False, signature=onnx_signature(model))
             version = getattr(logged, "registered_model_version", None)
-            if registered_model and alias and version is not None:
-                self.client.set_registered_model_alias(registered_model, alias, str(version))
-            return None if version is None else str(version)
+            if not registered_model or version is None:
+                return None
+            version = str(version)
+            if description:
+                self.client.update_model_version(registered_model, version, description=description)
+            for key, value in (tags or {}).items():
+                self.client.set_model_version_tag(registered_model, version, key, str(value))
+            moved, reason = promote_rule(self.client, registered_model, alias, score) if alias else (False, "no alias")
+            if moved:
+                self.client.set_registered_model_alias(registered_model, alias, version)
+            return {"version": version, "alias_moved": moved, "reason": reason}
         return self._guard(f"logging the ONNX model {path}", send)
+
+
+def onnx_signature(model):
+    """MLflow signature of a detkd ONNX file: its inputs and outputs with their dtypes and shapes (-1 for the
+    symbolic batch)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+    from onnx import helper
+
+    def specs(values):
+        out = []
+        for value in values:
+            tensor = value.type.tensor_type
+            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+            out.append(TensorSpec(np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)), shape, value.name))
+        return Schema(out)
+
+    return ModelSignature(inputs=specs(model.graph.input), outputs=specs(model.graph.output))
+
+
+def promote_rule(client, registered_model: str, alias: str, score: Optional[float]) -> tuple[bool, str]:
+    """Whether a new version with AP ``score`` takes ``alias``: when no version holds it, or when ``score``
+    beats the holder's ``AP`` tag. Returns (decision, reason)."""
+    try:
+        holder = client.get_model_version_by_alias(registered_model, alias)
+    except Exception:  # no version holds the alias yet
+        return True, f"no version held @{alias}"
+    held = holder.tags.get("AP")
+    if score is None:
+        return False, "the new version has no AP"
+    if held is None:
+        return True, f"version {holder.version} holding @{alias} has no AP tag"
+    if score > float(held):
+        return True, f"AP {score:.4f} beats version {holder.version}'s {float(held):.4f}"
+    return False, f"AP {score:.4f} does not beat version {holder.version}'s {float(held):.4f} (@{alias} stays)"
 
 
 # Bounds on every MLflow HTTP call (MLflow's own defaults: 120 s per request, 7 retries with exponential
