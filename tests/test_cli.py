@@ -229,3 +229,30 @@ def test_every_stage_entry_imports_detkd_from_its_own_checkout(tmp_path):
         proc = subprocess.run([sys.executable, str(entry), "--help"], capture_output=True, text=True, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.startswith("detkd from the copy"), f"{entry.name} imported another detkd"
+
+
+def test_the_readme_example_of_your_own_coco_data_prepares(tmp_path):
+    """README's `data.coco` block, as written there, prepares a dataset laid out as it says."""
+    from conftest import write_coco
+    import numpy as np
+    from PIL import Image
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("# params.yaml: a COCO-format dataset of your own\n", 1)[1].split("```", 1)[0]
+    example = yaml.safe_load(block)
+    root = tmp_path / "widgets"
+    example["data"]["root"] = str(root)
+    coco = example["data"]["coco"]
+    images = [{"id": i, "file_name": f"{i}.png", "width": 40, "height": 30} for i in (1, 2, 3)]
+    annotations = [{"id": i, "image_id": i, "category_id": 7, "bbox": [2, 3, 10, 12], "area": 120, "iscrowd": 0}
+                   for i in (1, 2, 3)]
+    for split in ("train", "val"):
+        (root / coco[f"{split}_images"]).mkdir(parents=True)
+        for image in images:
+            Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(root / coco[f"{split}_images"] / image["file_name"])
+        write_coco(root / coco[f"{split}_annotations"], images, annotations, [{"id": 7, "name": "widget"}])
+    params = _params(tmp_path, example)
+    proc = _stage("prepare.py", "--params", str(params), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((tmp_path / "data/prepared/dataset.json").read_text())
+    assert manifest["classes"] == ["widget"]
