@@ -162,6 +162,8 @@ def test_the_pipeline_run_carries_params_and_headline_numbers_and_stages_their_m
     assert stage.data.tags["mlflow.parentRunId"] == parent_id
     assert stage.data.tags["detkd.device"].startswith(("cpu: ", "cuda: "))
     assert stage.data.tags["detkd.version.torch"] and stage.data.tags["detkd.version.python"]
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3 opens its training view
 
 
 def _tiny_onnx(path: Path) -> Path:

@@ -283,14 +283,20 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# MLflow 3's UI opens an experiment in its GenAI view unless the experiment says it holds model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client, root: Path) -> str:
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") is None:  # a store made before detkd set the kind
+            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     location = None if uri and not uri.startswith("sqlite:") else (root / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(EXPERIMENT, artifact_location=location)
+        return client.create_experiment(EXPERIMENT, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created concurrently by a queued experiment
         return client.get_experiment_by_name(EXPERIMENT).experiment_id
 
