@@ -9,13 +9,16 @@ from pathlib import Path
 import _src  # noqa: F401,I001  (detkd from this checkout's src/, see _src.py)
 
 from detkd.cli import run_main
+from detkd.config import load_params
 from detkd.io import atomic_write_json, atomic_write_text
 from detkd.summary import build_summary, headline
-from detkd.tracking.mlflow_run import stage_run
+from detkd.machine import cpu_name
+from detkd.tracking.mlflow_run import pipeline_id, stage_run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--eval", default="reports/eval.json")
     parser.add_argument("--export", default="reports/export.json")
     parser.add_argument("--benchmark", default="reports/benchmark.json")
@@ -30,6 +33,9 @@ def main() -> None:
         atomic_write_json(args.metrics, numbers)
         run.log_metrics(numbers)
         run.parent.log_metrics(numbers)  # the pipeline's run carries its headline numbers (MLflow compares pipelines)
+        if "distilled_p50_ms" in numbers:  # the registered student's latency, where this pipeline registered one
+            run.tag_model_versions(load_params(args.params).export.registered_model, pipeline_id(),
+                                   {"p50_ms": numbers["distilled_p50_ms"], "p50_measured_on": cpu_name()})
         for path in (args.out, args.metrics):
             run.log_artifact(path, "reports")
         print(text)

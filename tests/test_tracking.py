@@ -192,12 +192,17 @@ def test_deployable_moves_only_to_a_better_student_and_versions_carry_signature_
     for ap in (0.40, 0.35, 0.45):
         with stage_run("export") as run:
             outcomes.append(run.log_onnx_model(model, "distilled-onnx", "detkd-student", "deployable", score=ap,
-                                               tags={"AP": f"{ap:.4f}", "method": "gid"}, description=f"AP {ap}"))
+                                               tags={"AP": f"{ap:.4f}", "method": "gid", "pipeline_id": f"p{ap}"},
+                                               description=f"AP {ap}"))
     assert [o["alias_moved"] for o in outcomes] == [True, False, True]
     assert "does not beat version 1's 0.4000" in outcomes[1]["reason"]
     client = MlflowClient(uri)
     holder = client.get_model_version_by_alias("detkd-student", "deployable")
-    assert str(holder.version) == outcomes[2]["version"] and holder.tags == {"AP": "0.4500", "method": "gid"}
+    assert str(holder.version) == outcomes[2]["version"]
+    assert holder.tags == {"AP": "0.4500", "method": "gid", "pipeline_id": "p0.45"}
+    with stage_run("summary") as run:  # a later stage of that pipeline adds its latency to the version it registered
+        assert run.tag_model_versions("detkd-student", "p0.45", {"p50_ms": 6.45}) == 1
+    assert client.get_model_version("detkd-student", holder.version).tags["p50_ms"] == "6.45"
     assert holder.description == "AP 0.45"
 
     import mlflow

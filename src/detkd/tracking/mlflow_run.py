@@ -93,6 +93,9 @@ class _NullRun:
                        score: Optional[float] = None) -> Optional[dict]:
         return None
 
+    def tag_model_versions(self, registered_model: str, pipeline: str, tags: dict) -> int:
+        return 0
+
 
 class _MlflowRun(_NullRun):
     """Logs to MLflow. A call that fails (the server died, the disk of the store filled) prints one
@@ -193,6 +196,17 @@ class _MlflowRun(_NullRun):
                 self.client.set_registered_model_alias(registered_model, alias, version)
             return {"version": version, "alias_moved": moved, "reason": reason}
         return self._guard(f"logging the ONNX model {path}", send)
+
+    def tag_model_versions(self, registered_model: str, pipeline: str, tags: dict) -> int:
+        """Set ``tags`` on the versions of ``registered_model`` that this pipeline registered (their
+        ``pipeline_id`` tag); returns how many (0 also when tracking failed)."""
+        def send():
+            found = self.client.search_model_versions(f"name='{registered_model}' and tags.pipeline_id = '{pipeline}'")
+            for version in found:
+                for key, value in tags.items():
+                    self.client.set_model_version_tag(registered_model, version.version, key, str(value))
+            return len(found)
+        return self._guard(f"tagging {registered_model}", send) or 0
 
 
 def onnx_signature(model):
