@@ -1,6 +1,6 @@
 """Stage ``evaluate``: COCO box AP (pycocotools) of every trained model on the val split.
 
-Reads params: eval. Writes: reports/eval.json (DVC metrics), reports/eval.md, PR curves (DVC plots).
+Reads params: eval. Writes: reports/eval.json (the detailed report), reports/eval.md, PR curves (reports/pr/, drawn by dvc.yaml's top-level plots).
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Evaluate several model checkpoints on the val split and write the reports of the ``evaluate`` stage.
 
-``reports/eval.json`` (DVC metrics): ``{model_name: {AP, AP50, ..., per_class: {class: AP}}}``;
+``reports/eval.json`` (the detailed report; the headline APs reach DVC metrics through ``summary.json``): ``{model_name: {AP, AP50, ..., per_class: {class: AP}}}``;
 ``reports/pr/<model>.json`` (DVC plots): precision at IoU 0.5 per recall threshold;
 ``reports/pr_curves.png``: the curves as a picture;
 ``reports/eval.md``: the table for people.
