@@ -16,7 +16,8 @@ from conftest import REPO
 from detkd.config import deep_merge, parse_params
 
 DOCS = ("README.md", "deploy/README.md")
-NOT_RUN_HERE = {"docker": "needs a Docker daemon", "source": "changes the calling shell only"}
+NOT_RUN_HERE = {"docker": "needs a Docker daemon", "source": "changes the calling shell only",
+                "perf_analyzer": "ships in Triton's SDK container"}
 
 
 def documented_commands() -> list[tuple[str, str]]:
