@@ -15,7 +15,7 @@ from conftest import REPO
 
 from detkd.config import deep_merge, parse_params
 
-DOCS = ("README.md", "deploy/README.md")
+DOCS = ("README.md", "deploy/README.md", "docs/methods.md")
 NOT_RUN_HERE = {"docker": "needs a Docker daemon", "source": "changes the calling shell only",
                 "perf_analyzer": "ships in Triton's SDK container"}
 
