@@ -57,10 +57,11 @@ def main() -> None:
             raise ExportError("accuracy gate failed: " + "; ".join(problems) + f" (details in {args.report})")
         for line in rejected(report):
             print(f"export: not deployable (failed its gate, kept out of models/export): {line}")
+        commit, pipeline = git_commit(), pipeline_id()  # the registry tags (git once, not per model)
         for name, entry in report["models"].items():
             target = registrable(report, name) if name == args.register else None
-            tags = {"AP": f"{reference_ap[name]:.4f}", "commit": git_commit(), "method": params.distill.method,
-                    "family": entry["family"], "backbone": entry["backbone"], "pipeline_id": pipeline_id()}
+            tags = {"AP": f"{reference_ap[name]:.4f}", "commit": commit, "method": params.distill.method,
+                    "family": entry["family"], "backbone": entry["backbone"], "pipeline_id": pipeline}
             registered = run.log_onnx_model(
                 entry["artefacts"]["fp32"]["path"], f"{name}-onnx", params.export.registered_model if target else None,
                 params.export.alias, score=reference_ap[name], tags=tags,

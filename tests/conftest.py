@@ -97,3 +97,12 @@ def state_iteration(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)["iteration"]
     except Exception:
         return None
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (for the real servers the fault tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

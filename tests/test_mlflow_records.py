@@ -3,17 +3,28 @@ registered student's signature, description, tags and the rule that moves ``@dep
 
 from pathlib import Path
 
+import pytest
 
-def test_the_pipeline_run_carries_params_and_headline_numbers_and_stages_their_machine(tmp_path, monkeypatch):
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """store(pipeline_id) -> the URI of a fresh SQLite store that stages in ``tmp_path`` track to."""
+    def open_store(pipeline: str) -> str:
+        uri = f"sqlite:///{tmp_path / 'store.db'}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("DETKD_PIPELINE_ID", pipeline)
+        monkeypatch.delenv("DETKD_TRACKING", raising=False)
+        monkeypatch.chdir(tmp_path)
+        return uri
+    return open_store
+
+
+def test_the_pipeline_run_carries_params_and_headline_numbers_and_stages_their_machine(tmp_path, store):
     from mlflow.tracking import MlflowClient
 
     from detkd.tracking.mlflow_run import stage_run
 
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("DETKD_PIPELINE_ID", "carries")
-    monkeypatch.delenv("DETKD_TRACKING", raising=False)
-    monkeypatch.chdir(tmp_path)
+    uri = store("carries")
     (tmp_path / "params.yaml").write_text("seed: 3\ndistill: {method: gid, fasterrcnn: {gid: {w_feature: 0.5}}}\n")
     with stage_run("train_teacher", {"teacher": {"backbone": "resnet18"}}) as run:
         stage_id = run.run_id
@@ -44,16 +55,12 @@ def _tiny_onnx(path: Path) -> Path:
     return path
 
 
-def test_deployable_moves_only_to_a_better_student_and_versions_carry_signature_and_tags(tmp_path, monkeypatch):
+def test_deployable_moves_only_to_a_better_student_and_versions_carry_signature_and_tags(tmp_path, store):
     from mlflow.tracking import MlflowClient
 
     from detkd.tracking.mlflow_run import stage_run
 
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("DETKD_PIPELINE_ID", "registry")
-    monkeypatch.delenv("DETKD_TRACKING", raising=False)
-    monkeypatch.chdir(tmp_path)
+    uri = store("registry")
     model = _tiny_onnx(tmp_path / "m.onnx")
     outcomes = []
     for ap in (0.40, 0.35, 0.45):

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import stage_command, stage_env, state_iteration
+from conftest import free_port, stage_command, stage_env, state_iteration
 
 pytestmark = pytest.mark.fault
 
@@ -47,20 +47,12 @@ def test_concurrent_stages_on_a_fresh_sqlite_store_all_land(tmp_path):
 
 # ---- a tracking server that is not there, or dies mid-stage --------------------------------------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real ``mlflow server`` on loopback (its own process group, so a kill takes its workers too)."""
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
@@ -84,7 +76,7 @@ def mlflow_server(tmp_path):
 
 
 def test_an_unreachable_server_fails_the_stage_fast_with_one_line(tiny_stage):
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
     proc = subprocess.run(stage_command(tiny_stage, "unreachable"), capture_output=True, text=True,
                           env=stage_env(DETKD_TRACKING="on", MLFLOW_TRACKING_URI=uri), timeout=120)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, free_port
 from detkd.export.onnx_export import export_onnx
 from detkd.runtime.onnx_runner import OnnxRunner
 from detkd.runtime.preprocess import read_image
@@ -44,18 +44,12 @@ SERVER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def served(tmp_path):
     model = tiny_detector("fasterrcnn")
     path = tmp_path / "tiny.onnx"
     export_onnx(model, tiny_info(model), path)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(path), "detkd_tiny"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
